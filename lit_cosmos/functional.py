@@ -1,0 +1,195 @@
+"""Numerical kernels of COSMOS, each beside the exact slow twin the tests compare it with.
+
+Every kernel works on a *stack* of matrices, shape ``(b, m, n)``, so that matrices of the same
+shape are processed by one batched matmul / QR / eigh call instead of one Python iteration each.
+All maths is float32 (or the caller's dtype) except the Newton-Schulz iteration, whose compute
+dtype is an argument (bfloat16 by default, as is usual for Muon-style optimizers on accelerators).
+
+Notation (nn.Linear layout): ``G`` is ``m x n`` (out x in), ``U`` is ``n x r`` with orthonormal
+columns, ``S`` is ``r x r`` and ``V`` is ``m x r``.
+
+The communication seam: kernels that need a sum over row shards (FSDP2 keeps rows of ``G`` on
+different ranks) take ``reduce``, a callable that sums a tensor over ranks in place and returns
+it. Single-process callers pass nothing and the identity is used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NS_COEFFICIENTS",
+    "newton_schulz",
+    "polar_factor",
+    "top_eigenvectors",
+    "initial_basis",
+    "refresh_basis",
+    "refresh_basis_reference",
+    "project",
+    "normalized_orthogonal",
+    "subspace_energy",
+    "basis_drift",
+]
+
+#: Quintic Newton-Schulz coefficients (a, b, c) of Muon, used by COSMOS for the residual.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+Reduce = Callable[[Tensor], Tensor]
+_TINY = 1e-30  # zero-safe divisor: any real norm is many orders larger
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def newton_schulz(
+    X: Tensor,
+    steps: int = 5,
+    dtype: torch.dtype = torch.bfloat16,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+) -> Tensor:
+    r"""Approximate the orthogonal polar factor of every matrix in a stack.
+
+    Runs ``steps`` iterations of :math:`X \leftarrow aX + b(XX^\top)X + c(XX^\top)^2X` on the
+    orientation whose Gram matrix is the smaller one, after dividing each matrix by its
+    Frobenius norm (+ ``eps``), so that all singular values start in (0, 1]. With Muon's
+    coefficients the singular values land in roughly [0.7, 1.2] after 5 steps rather than
+    exactly at 1: the map is tuned for speed of the small singular values, not for exactness.
+
+    Args:
+        X: ``(..., m, n)``; a zero matrix maps to a zero matrix.
+        steps: number of iterations.
+        dtype: compute dtype (``torch.bfloat16`` or ``torch.float32``).
+
+    Returns:
+        A tensor of the shape and dtype of ``X``.
+    """
+    if X.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(X.shape)}")
+    a, b, c = coefficients
+    transpose = X.size(-2) > X.size(-1)
+    Y = X.mT if transpose else X
+    Y = Y.to(dtype)
+    Y = Y / (torch.linalg.matrix_norm(Y, keepdim=True) + eps)
+    for _ in range(steps):
+        A = Y @ Y.mT
+        B = b * A + c * (A @ A)
+        Y = a * Y + B @ Y
+    if transpose:
+        Y = Y.mT
+    return Y.to(X.dtype)
+
+
+def polar_factor(X: Tensor) -> Tensor:
+    """Exact slow twin of :func:`newton_schulz`'s target: ``U_svd @ Vh_svd`` of each matrix."""
+    U, _, Vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (U @ Vh).to(X.dtype)
+
+
+def top_eigenvectors(H: Tensor, r: int) -> Tensor:
+    """The ``r`` eigenvectors of the symmetric ``H`` (``(..., n, n)``) with the largest eigenvalues,
+    as the columns of an ``(..., n, r)`` tensor, largest first."""
+    _, vecs = torch.linalg.eigh(H)
+    return vecs[..., -r:].flip(-1) if r > 0 else vecs[..., :0]
+
+
+def initial_basis(G: Tensor, r: int, reduce: Reduce = _identity) -> Tensor:
+    """First-step basis: the top-``r`` eigenvectors of ``G^T G`` for every ``G`` in the stack.
+
+    ``G^T G`` is ``n x n``; it is summed over row shards by ``reduce`` (one all-reduce of n*n on
+    the first step only) and dropped when this returns, so no ``n x n`` buffer survives.
+    """
+    gram = reduce(G.mT @ G)
+    return top_eigenvectors(gram, r).contiguous()
+
+
+def refresh_basis(
+    U: Tensor,
+    S: Tensor,
+    G: Tensor,
+    beta2: float,
+    power_iters: int = 1,
+    reduce: Reduce = _identity,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Power-iteration refresh of the basis on :math:`H = \beta_2 U S U^\top + (1-\beta_2) G^\top G`.
+
+    One iteration is ``U' = QR(b2 U S + (1-b2) G^T (G U))``; further iterations repeat
+    ``U' = QR(H U')``. The projected second moment is carried into the new basis with
+    ``T = U^T U'``: ``S' = b2 T^T S T + (1-b2) (G U')^T (G U')`` (= ``U'^T H U'``).
+    ``H`` is never formed: every product is ``n x r`` or smaller.
+
+    Returns:
+        ``(U', S', G U')`` with ``U'`` contiguous (QR returns a column-major Q).
+    """
+    if power_iters < 1:
+        raise ValueError(f"power_iters must be >= 1, got {power_iters}")
+    P = U
+    for i in range(power_iters):
+        gram_P = reduce(G.mT @ (G @ P))
+        # U^T U = I, so on the first iteration U S (U^T P) = U S.
+        SP = S if i == 0 else S @ (U.mT @ P)
+        P, _ = torch.linalg.qr(beta2 * (U @ SP) + (1.0 - beta2) * gram_P)
+    P = P.contiguous()
+    T = U.mT @ P
+    GP = G @ P
+    S_new = beta2 * (T.mT @ S @ T) + (1.0 - beta2) * reduce(GP.mT @ GP)
+    return P, S_new, GP
+
+
+def refresh_basis_reference(U: Tensor, S: Tensor, G: Tensor, beta2: float, power_iters: int) -> Tensor:
+    """Exact slow twin of :func:`refresh_basis`: forms ``H`` (``n x n``) and runs ``power_iters``
+    plain power iterations with QR, in float64. With many iterations it converges to the
+    top-``r`` eigenvectors of ``H`` (compare with ``top_eigenvectors(H, r)``)."""
+    U, S, G = U.double(), S.double(), G.double()
+    H = beta2 * U @ S @ U.mT + (1.0 - beta2) * G.mT @ G
+    P = U
+    for _ in range(power_iters):
+        P, _ = torch.linalg.qr(H @ P)
+    return P
+
+
+def project(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+    """Split ``X`` into its coordinates in ``span(U)`` and the residual.
+
+    Returns ``(Y, R)`` with ``Y = X U`` (``m x r``) and ``R = X - Y U^T``, orthogonal to ``U``.
+    """
+    Y = X @ U
+    R = X - Y @ U.mT
+    return Y, R
+
+
+def normalized_orthogonal(
+    R: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16, newton_schulz: Callable[..., Tensor] = newton_schulz
+) -> Tensor:
+    """``B = NS5(R / ||R||_F); B / ||B||_F`` per matrix of the stack; zero-safe (``R = 0`` gives 0).
+
+    The division by ``||R||_F`` is the one inside :func:`newton_schulz` (by ``||R||_F + 1e-7``),
+    as in the authors' code; normalising twice would differ from it by about 1e-7.
+    """
+    B = newton_schulz(R, steps=steps, dtype=dtype)
+    return B / torch.linalg.matrix_norm(B, keepdim=True).clamp_min(_TINY)
+
+
+def subspace_energy(G: Tensor, U: Tensor) -> Tensor:
+    """Share of the gradient energy captured by ``span(U)``: ``||G U||_F^2 / ||G||_F^2`` (0 for G = 0)."""
+    captured = (G @ U).square().sum(dim=(-2, -1))
+    total = G.square().sum(dim=(-2, -1))
+    return captured / total.clamp_min(_TINY)
+
+
+def basis_drift(U_old: Tensor, U_new: Tensor) -> Tensor:
+    """How far a rank-r subspace moved: ``1 - ||U_old^T U_new||_F^2 / r``, in [0, 1] (0: same span)."""
+    r = U_old.size(-1)
+    if r == 0:
+        return torch.zeros(U_old.shape[:-2], dtype=U_old.dtype, device=U_old.device)
+    return 1.0 - (U_old.mT @ U_new).square().sum(dim=(-2, -1)) / r
+
+
+def update_scale(m: int, n: int) -> float:
+    """``sqrt(m n)``: scales a unit-Frobenius-norm matrix to unit per-entry RMS."""
+    return math.sqrt(m * n)

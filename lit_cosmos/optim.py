@@ -1,0 +1,469 @@
+"""The COSMOS optimizer (torch only: no Lightning import here)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lit_cosmos import functional as F
+from lit_cosmos.comm import Comm, is_dtensor, local_tensor, resolve_comm
+
+__all__ = ["COSMOS", "ALGORITHMS", "NS_DTYPES"]
+
+ALGORITHMS = ("cosmos", "adamw")
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ON_NONFINITE = ("raise", "skip", "off")
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """float32 maths for every parameter dtype, float64 for float64 parameters."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _matrix_shape(p: Tensor) -> tuple[int, int]:
+    """The (out, in) matrix COSMOS sees: a >2-D weight is flattened to (shape[0], rest)."""
+    return p.shape[0], math.prod(p.shape[1:])
+
+
+class COSMOS(Optimizer):
+    r"""COSMOS: SOAP/Adam inside the leading gradient eigensubspace, Muon on the rest.
+
+    For a weight matrix :math:`W \in \mathbb{R}^{m\times n}` (``nn.Linear`` layout) with gradient
+    :math:`G`, step :math:`t`, :math:`r=\min(\text{rank}, m, n)`:
+
+    .. math::
+        M &\leftarrow \beta_1 M + (1-\beta_1) G \\
+        U &\leftarrow \text{top-}r\text{ eigenvectors of } G^\top G
+            \quad\text{(first step)} \\
+        U' &\leftarrow \mathrm{QR}\big(\beta_2 U S + (1-\beta_2) G^\top G U\big),\;
+            T = U^\top U',\;
+            S \leftarrow \beta_2 T^\top S T + (1-\beta_2) (GU')^\top (GU')
+            \quad\text{(refresh: } t \bmod \text{update\_interval} = 0) \\
+        S &\leftarrow \beta_2 S + (1-\beta_2)(GU)^\top(GU) \quad\text{(other steps)} \\
+        V &\leftarrow \beta_2 V + (1-\beta_2) (GU)^{\odot 2} \\
+        X &= \frac{(1-\beta_1) G + \beta_1 M}{1-\beta_1^{t+1}} \text{ (Nesterov) or }
+             \frac{M}{1-\beta_1^t} \\
+        A &= \frac{XU}{\sqrt{V/(1-\beta_2^t)}+\epsilon}\,U^\top, \qquad
+        R = X - XUU^\top, \qquad B = \frac{\mathrm{NS5}(R/\|R\|_F)}{\|\mathrm{NS5}(R/\|R\|_F)\|_F} \\
+        \tilde G &= A + \gamma\sqrt{mn}\,B \\
+        W &\leftarrow W(1-\eta\lambda) - \eta_{\text{ratio}}\,\eta\,\sqrt{mn}\,
+             \tilde G / \|\tilde G\|_F
+
+    so every matrix update has per-entry RMS exactly ``lr_ratio * lr``. Parameters in groups with
+    ``algorithm="adamw"`` (embeddings, output head, norms, biases) get decoupled-weight-decay
+    AdamW with learning rate ``lr``. All maths is float32 whatever the parameter dtype; only
+    Newton-Schulz runs in ``ns_dtype``.
+
+    State per matrix: ``step``, ``M`` (m x n), ``U`` (n x r), ``S`` (r x r), ``V`` (m x r):
+    ``mn + mr + nr + r^2`` elements (AdamW: ``2mn``). State per AdamW parameter: ``step``,
+    ``exp_avg``, ``exp_avg_sq``. All state is float32 and contiguous.
+
+    Matrices of the same shape in a group are stacked and processed by batched matmul / QR /
+    Newton-Schulz calls.
+
+    Args:
+        params: an iterable of parameters, of ``(name, parameter)`` pairs, or of param-group
+            dicts. Groups may set ``algorithm`` (``"cosmos"`` or ``"adamw"``) and any
+            hyperparameter below. A group without ``algorithm`` is split: 2-D parameters get
+            COSMOS, all others AdamW. :func:`lit_cosmos.cosmos_param_groups` routes a model
+            properly (embeddings and the output head on AdamW) and is the recommended input.
+        lr: learning rate of the AdamW groups and base of the matrix rate (default 2e-3).
+        lr_ratio: matrix updates have per-entry RMS ``lr_ratio * lr`` (default 0.2).
+        betas: ``(beta1, beta2)`` of the COSMOS groups (default (0.95, 0.95)).
+        rank: subspace rank ``r`` (clipped to ``min(m, n)``; 0 gives a Muon step; default 64).
+            Fixed for a matrix at its first step.
+        gamma: weight of the Newton-Schulz part before the final normalisation (default 0.2).
+        eps: added to the Adam denominators (default 1e-8).
+        weight_decay: decoupled weight decay, multiplied by ``lr`` (default 0.1).
+        nesterov: use the Nesterov momentum ``X`` (default True).
+        ns_steps: Newton-Schulz iterations (default 5).
+        ns_dtype: ``"bfloat16"`` (default) or ``"float32"``: Newton-Schulz compute dtype.
+        update_interval: refresh the basis every this many steps (default 1 = every step, as the
+            paper); 0 refreshes only when :meth:`request_refresh` asks.
+        power_iters: power iterations per refresh (default 1).
+        adamw_betas: the ``betas`` default of AdamW groups (default (0.9, 0.95)).
+        on_nonfinite: a NaN/Inf gradient ``"raise"`` (default) a ``FloatingPointError`` with
+            state and parameters untouched, ``"skip"`` the whole step likewise, or ``"off"``
+            skips the check (saves one host sync per step, e.g. under a GradScaler).
+        compile: ``torch.compile`` the Newton-Schulz kernel (helps on GPUs; default False).
+        comm: the communication seam (:mod:`lit_cosmos.comm`). ``None`` picks it from the
+            parameters: plain tensors run single-process, DTensors sharded by rows run the
+            FSDP2 path.
+
+    Raises:
+        ValueError: for an invalid hyperparameter, algorithm, or a COSMOS parameter with
+            fewer than 2 dimensions (the message names the value).
+        RuntimeError: for a sparse gradient.
+        FloatingPointError: for a non-finite gradient with ``on_nonfinite="raise"``.
+
+    Example::
+
+        model = MyTransformer()
+        opt = COSMOS(cosmos_param_groups(model), lr=2e-3)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2e-3,
+        lr_ratio: float = 0.2,
+        betas: tuple[float, float] = (0.95, 0.95),
+        rank: int = 64,
+        gamma: float = 0.2,
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_dtype: str = "bfloat16",
+        update_interval: int = 1,
+        power_iters: int = 1,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        on_nonfinite: str = "raise",
+        compile: bool = False,
+        comm: Optional[Comm] = None,
+    ) -> None:
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        self._adamw_betas = tuple(adamw_betas)
+        defaults = dict(
+            lr=lr,
+            lr_ratio=lr_ratio,
+            betas=tuple(betas),
+            rank=rank,
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_dtype=ns_dtype,
+            update_interval=update_interval,
+            power_iters=power_iters,
+        )
+        _validate(dict(defaults, betas=self._adamw_betas, algorithm="adamw"), where="adamw_betas")
+        self.on_nonfinite = on_nonfinite
+        self._refresh_request: Optional[int] = None
+        self._ns = torch.compile(F.newton_schulz, dynamic=None) if compile else F.newton_schulz
+        super().__init__(list(params) if not isinstance(params, Tensor) else [params], defaults)
+        self._comm = resolve_comm(comm, [p for g in self.param_groups for p in g["params"]])
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        if isinstance(group.get("params"), Tensor):
+            group["params"] = [group["params"]]
+        items = list(group["params"])
+        if group.get("algorithm") is None:
+            # Plain parameters: route by dimension (2-D -> cosmos, everything else -> adamw).
+            def ndim(item: Any) -> int:
+                return (item[1] if isinstance(item, tuple) else item).ndim
+
+            matrices = [x for x in items if ndim(x) == 2]
+            others = [x for x in items if ndim(x) != 2]
+            for alg, chosen in (("cosmos", matrices), ("adamw", others)):
+                if chosen:
+                    self.add_param_group(dict(group, params=chosen, algorithm=alg))
+            return
+        group["params"] = items
+        alg = group["algorithm"]
+        if alg == "adamw":
+            group.setdefault("betas", self._adamw_betas)
+        merged = {**self.defaults, **group}
+        _validate(merged, where=f"param group {group.get('name', len(self.param_groups))!r}")
+        if alg == "cosmos":
+            for item in items:
+                name, p = item if isinstance(item, tuple) else (None, item)
+                if p.ndim < 2:
+                    label = f"{name!r} " if name else ""
+                    raise ValueError(
+                        f"COSMOS needs matrices: parameter {label}of shape {tuple(p.shape)} is in an "
+                        "algorithm='cosmos' group; put it in an algorithm='adamw' group"
+                    )
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        super().add_param_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_refresh_request", None)
+        self.__dict__.setdefault("on_nonfinite", "raise")
+
+    def request_refresh(self, power_iters: Optional[int] = None) -> None:
+        """Refresh the basis of every COSMOS matrix on the next step, with ``power_iters`` power
+        iterations (default: each group's ``power_iters``). A matrix's first step always builds
+        its basis from scratch instead. Used by :class:`lit_cosmos.callbacks.EigenbasisRefresh`."""
+        if power_iters is not None and (not isinstance(power_iters, int) or power_iters < 1):
+            raise ValueError(f"power_iters must be a positive int, got {power_iters!r}")
+        self._refresh_request = power_iters if power_iters is not None else 0
+
+    @property
+    def refresh_requested(self) -> bool:
+        return self._refresh_request is not None
+
+    def matrix_states(self) -> Iterable[tuple[dict, Tensor, dict]]:
+        """Yield ``(group, param, state)`` for every COSMOS matrix whose basis exists."""
+        for group in self.param_groups:
+            if group["algorithm"] != "cosmos":
+                continue
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and float(st["step"]) > 0:
+                    yield group, p, st
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"COSMOS does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+                grads.append(local_tensor(p.grad))
+        if self.on_nonfinite != "off" and grads and not self._comm.all_finite(grads):
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(
+                    "COSMOS got a non-finite (NaN or Inf) gradient; the step was not taken and the "
+                    "optimizer state is unchanged. Pass on_nonfinite='skip' to skip such steps."
+                )
+            self._refresh_request = None
+            return loss
+
+        request, self._refresh_request = self._refresh_request, None
+        for group in self.param_groups:
+            if group["algorithm"] == "adamw":
+                self._adamw_group(group)
+            else:
+                self._cosmos_group(group, request)
+        self._comm.after_step(self)
+        return loss
+
+    def _adamw_group(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if not st:
+                cdt = _compute_dtype(p)
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
+            buckets[(p.device, p.dtype, float(st["step"]))].append(p)
+        for (_, dtype, step), ps in buckets.items():
+            t = step + 1
+            states = [self.state[p] for p in ps]
+            for st in states:
+                st["step"].fill_(t)
+            params = [local_tensor(p) for p in ps]
+            grads = [local_tensor(p.grad).to(_compute_dtype(p)) for p in ps]
+            m = [local_tensor(st["exp_avg"]) for st in states]
+            v = [local_tensor(st["exp_avg_sq"]) for st in states]
+            torch._foreach_lerp_(m, grads, 1.0 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
+            torch._foreach_add_(denom, eps)
+            if wd != 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            step_size = lr / (1.0 - beta1**t)
+            if dtype in (torch.float32, torch.float64):
+                torch._foreach_addcdiv_(params, m, denom, value=-step_size)
+            else:
+                updates = torch._foreach_div(m, denom)
+                for p, u in zip(params, updates):
+                    p.add_(u.to(dtype), alpha=-step_size)
+
+    def _cosmos_group(self, group: dict, request: Optional[int]) -> None:
+        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if not st:
+                self._init_cosmos_state(p, st, group["rank"])
+            m, n = _matrix_shape(p)
+            key = (m, n, local_tensor(p).shape, st["U"].shape[-1], p.device, p.dtype, float(st["step"]))
+            buckets[key].append(p)
+        for (m, n, _, r, _, _, step), ps in buckets.items():
+            self._cosmos_bucket(group, ps, m, n, r, int(step), request)
+
+    @staticmethod
+    def _init_cosmos_state(p: Tensor, st: dict, rank: int) -> None:
+        m, n = _matrix_shape(p)
+        r = min(rank, m, n)
+        kw = dict(dtype=_compute_dtype(p), device=p.device)
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        # M and V follow the parameter's layout (sharded by rows under FSDP2); U and S are small
+        # and replicated.
+        st["M"] = torch.zeros_like(p, dtype=kw["dtype"], memory_format=torch.contiguous_format)
+        st["U"] = torch.zeros(n, r, **kw)
+        st["S"] = torch.zeros(r, r, **kw)
+        st["V"] = _zeros_rows_like(p, r) if is_dtensor(p) else torch.zeros(m, r, **kw)
+
+    def _cosmos_bucket(
+        self, group: dict, ps: list[Tensor], m: int, n: int, r: int, step: int, request: Optional[int]
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        t = step + 1
+        interval = group["update_interval"]
+        init = step == 0
+        refresh = not init and (request is not None or (interval > 0 and t % interval == 0))
+        power_iters = request or group["power_iters"]
+        states = [self.state[p] for p in ps]
+        m_local = local_tensor(ps[0]).shape[0]
+
+        def stacked(key: str, shape: tuple[int, ...]) -> Tensor:
+            ts = [local_tensor(st[key]).view(shape) for st in states]
+            return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+        # G is read-only here: .float() may alias p.grad, and p.grad must never change.
+        cdt = _compute_dtype(ps[0])
+        Gs = [local_tensor(p.grad).reshape(m_local, n).to(cdt) for p in ps]
+        G = Gs[0].unsqueeze(0) if len(Gs) == 1 else torch.stack(Gs)
+        M = stacked("M", (m_local, n))
+        U = stacked("U", (n, r))
+        S = stacked("S", (r, r))
+        V = stacked("V", (m_local, r))
+        D = cosmos_direction(
+            G, M, U, S, V, t=t, m=m, n=n, init=init, refresh=refresh, power_iters=power_iters,
+            beta1=beta1, beta2=beta2, eps=group["eps"], gamma=group["gamma"],
+            nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+            ns_dtype=cdt if group["ns_dtype"] == "float32" else NS_DTYPES[group["ns_dtype"]], comm=self._comm, newton_schulz=self._ns,
+        )
+        if len(ps) > 1:
+            # Write the stacked state back into each matrix's own contiguous tensors.
+            for key, stack in (("M", M), ("U", U), ("S", S), ("V", V)):
+                dst = [local_tensor(st[key]) for st in states]
+                torch._foreach_copy_(dst, [x.view_as(d) for x, d in zip(stack.unbind(0), dst)])
+        for st in states:
+            st["step"].fill_(t)
+
+        lr = group["lr"]
+        params = [local_tensor(p) for p in ps]
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+        scale = -group["lr_ratio"] * lr
+        for p, d in zip(params, D.unbind(0)):
+            p.add_(d.view(p.shape).to(p.dtype), alpha=scale)
+
+
+def cosmos_direction(
+    G: Tensor,
+    M: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    *,
+    t: int,
+    m: int,
+    n: int,
+    init: bool,
+    refresh: bool,
+    power_iters: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    gamma: float,
+    nesterov: bool,
+    ns_steps: int,
+    ns_dtype: torch.dtype,
+    comm: Comm,
+    newton_schulz: Callable[..., Tensor] = F.newton_schulz,
+) -> Tensor:
+    """Functional core of one COSMOS step on a stack of ``b`` matrices (float32).
+
+    Updates the state stacks ``M`` (b, m, n), ``U`` (b, n, r), ``S`` (b, r, r), ``V`` (b, m, r) in
+    place and returns the update direction ``sqrt(mn) * G~ / ||G~||_F`` with per-entry RMS 1.
+    Under FSDP2 the ``m`` rows are this rank's shard; ``m`` and ``n`` are the global sizes, and
+    ``comm`` sums partial products over ranks and orthogonalises residuals on their owners.
+    """
+    M.lerp_(G, 1.0 - beta1)
+    r = U.size(-1)
+    if r > 0:
+        if init:
+            U_new = F.initial_basis(G, r, reduce=comm.all_reduce)
+            U_new = comm.replicate(U_new)
+            GU = G @ U_new
+            S_new = (1.0 - beta2) * comm.all_reduce(GU.mT @ GU)
+            U.copy_(U_new)
+            S.copy_(S_new)
+        elif refresh:
+            U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce)
+            U.copy_(comm.replicate(U_new))
+            S.copy_(S_new)
+        else:
+            GU = G @ U
+            S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
+        V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
+
+    if nesterov:
+        X = torch.lerp(G, M, beta1) / (1.0 - beta1 ** (t + 1))
+    else:
+        X = M / (1.0 - beta1**t)
+    if r > 0:
+        Y, R = F.project(X, U)
+        A = (Y / ((V / (1.0 - beta2**t)).sqrt_().add_(eps))) @ U.mT
+    else:
+        A, R = None, X
+    B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz)
+    scale = math.sqrt(m * n)
+    Gt = B.mul_(gamma * scale) if A is None else A.add_(B, alpha=gamma * scale)
+    norm = comm.all_reduce(Gt.square().sum(dim=(-2, -1), keepdim=True)).sqrt_()
+    return Gt.mul_(scale / norm.clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------- validation
+def _validate(group: dict, where: str) -> None:
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"invalid {key}={group[key]!r} in {where}: {why}")
+
+    alg = group.get("algorithm")
+    if alg not in ALGORITHMS:
+        raise ValueError(f"invalid algorithm={alg!r} in {where}: must be one of {ALGORITHMS}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        raise ValueError(f"invalid lr={lr!r} in {where}: pass a float, not a Tensor")
+    for key in ("lr", "weight_decay", "eps", "lr_ratio", "gamma"):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise bad(key, "must be a finite number >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise bad("betas", "must be a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"invalid beta{i + 1}={b!r} (betas={tuple(betas)!r}) in {where}: must be in [0, 1)")
+    for key, low in (("rank", 0), ("ns_steps", 0), ("update_interval", 0), ("power_iters", 1)):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise bad(key, f"must be an int >= {low}")
+    if group["ns_dtype"] not in NS_DTYPES:
+        raise bad("ns_dtype", f"must be one of {tuple(NS_DTYPES)}")
+    if not isinstance(group["nesterov"], bool):
+        raise bad("nesterov", "must be a bool")
+
+
+def _zeros_rows_like(p: Tensor, cols: int) -> Tensor:
+    """A float32 (m, cols) DTensor with the parameter's row sharding (for V under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    local = torch.zeros(p.to_local().shape[0], cols, dtype=torch.float32, device=p.to_local().device)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=(p.shape[0], cols),
+                              stride=(cols, 1))

@@ -422,9 +422,20 @@ def cosmos_direction(
         A = (Y / ((V / (1.0 - beta2**t)).sqrt_().add_(eps))) @ U.mT
     else:
         A, R = None, X
-    B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz)
     scale = math.sqrt(m * n)
-    Gt = B.mul_(gamma * scale) if A is None else A.add_(B, alpha=gamma * scale)
+    if r == n:
+        # span(U) is all of R^n: R is zero but for roundoff, which the normalisation in
+        # orthogonalize would blow up to a unit-norm noise matrix.
+        Gt = A
+    else:
+        B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz)
+        if r > 0 and ns_dtype != G.dtype:
+            # In exact arithmetic NS5(R) has the row space of R, orthogonal to U. Low-precision
+            # NS amplifies rounding noise in R's r null directions by about a^5 ~ 500 to O(1);
+            # projecting it out restores the invariant (a no-op at full precision).
+            B = B - (B @ U) @ U.mT
+            B = B / comm.all_reduce(B.square().sum(dim=(-2, -1), keepdim=True)).sqrt_().clamp_min(1e-30)
+        Gt = B.mul_(gamma * scale) if A is None else A.add_(B, alpha=gamma * scale)
     norm = comm.all_reduce(Gt.square().sum(dim=(-2, -1), keepdim=True)).sqrt_()
     return Gt.mul_(scale / norm.clamp_min(1e-30))
 

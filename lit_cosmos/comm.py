@@ -41,7 +41,10 @@ def local_tensor(t: Tensor) -> Tensor:
 
 def _all_finite_local(tensors: Sequence[Tensor]) -> Tensor:
     # The max-abs norm is inf/nan exactly when an entry is; a 2-norm could overflow on finite data.
-    norms = torch._foreach_norm(list(tensors), float("inf"))
+    tensors = [t for t in tensors if t.numel()]  # empty FSDP2 shards have no max
+    if not tensors:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(tensors, float("inf"))
     return torch.stack([n.float().to(tensors[0].device) for n in norms]).isfinite().all()
 
 
@@ -55,9 +58,25 @@ class Comm:
         return t
 
     def orthogonalize(
-        self, R: Tensor, steps: int, dtype: torch.dtype, newton_schulz: Callable[..., Tensor] = F.newton_schulz
+        self,
+        R: Tensor,
+        steps: int,
+        dtype: torch.dtype,
+        newton_schulz: Callable[..., Tensor] = F.newton_schulz,
+        m: Optional[int] = None,
     ) -> Tensor:
+        """``NS5(R)/||NS5(R)||_F`` per matrix; ``R`` holds this rank's rows of ``m``-row matrices."""
         return F.normalized_orthogonal(R, steps, dtype, newton_schulz)
+
+    def computes(self, optimizer: "Optimizer", p: Tensor) -> bool:
+        """Whether this rank computes the update of matrix ``p`` (all but DDP work split: yes)."""
+        return True
+
+    def consolidate(self, optimizer: "Optimizer") -> None:
+        """Before ``state_dict()``: make this rank's state complete (DDP work split)."""
+
+    def drop_unowned(self, optimizer: "Optimizer") -> None:
+        """After ``state_dict()`` / ``load_state_dict()``: free state this rank does not own."""
 
     def all_finite(self, grads: Sequence[Tensor]) -> bool:
         return bool(_all_finite_local(grads))
@@ -70,12 +89,28 @@ class LocalComm(Comm):
     """One process, whole matrices (also DDP without work split: every rank is identical)."""
 
 
-def resolve_comm(comm: Optional[Comm], params: Sequence[Tensor]) -> Comm:
-    """Pick the seam for these parameters: ``comm`` if given, the FSDP2 one for DTensors."""
-    if comm is not None:
-        if not isinstance(comm, Comm):
-            raise TypeError(f"comm must be a lit_cosmos.comm.Comm, got {type(comm).__name__}")
+COMM_NAMES = ("auto", "local", "ddp_split")
+
+
+def resolve_comm(comm: "Comm | str | None", params: Sequence[Tensor]) -> Comm:
+    """Pick the seam for these parameters.
+
+    ``None`` / ``"auto"``: row-sharded DTensors (FSDP2) get :class:`~lit_cosmos.distributed.FSDPComm`,
+    plain tensors :class:`LocalComm` (also right under DDP: every rank computes every update).
+    ``"ddp_split"``: :class:`~lit_cosmos.distributed.DDPWorkSplit`. A :class:`Comm` is used as is.
+    """
+    if isinstance(comm, Comm):
         return comm
+    if comm not in (None, *COMM_NAMES):
+        raise ValueError(f"comm must be a lit_cosmos.comm.Comm or one of {COMM_NAMES}, got {comm!r}")
+    if comm == "ddp_split":
+        if any(is_dtensor(p) for p in params):
+            raise ValueError("comm='ddp_split' is for DDP (whole matrices on every rank); FSDP2 DTensor parameters use comm='auto'")
+        from lit_cosmos.distributed import DDPWorkSplit
+
+        return DDPWorkSplit()
+    if comm == "local":
+        return LocalComm()
     if any(is_dtensor(p) for p in params):
         from lit_cosmos.distributed import FSDPComm
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lit_cosmos import functional as F
-from lit_cosmos.comm import Comm, is_dtensor, local_tensor, resolve_comm
+from lit_cosmos.comm import Comm, LocalComm, is_dtensor, local_tensor, resolve_comm
 
 __all__ = ["COSMOS", "ALGORITHMS", "NS_DTYPES"]
 
@@ -91,9 +91,11 @@ class COSMOS(Optimizer):
             state and parameters untouched, ``"skip"`` the whole step likewise, or ``"off"``
             skips the check (saves one host sync per step, e.g. under a GradScaler).
         compile: ``torch.compile`` the Newton-Schulz kernel (helps on GPUs; default False).
-        comm: the communication seam (:mod:`lit_cosmos.comm`). ``None`` picks it from the
-            parameters: plain tensors run single-process, DTensors sharded by rows run the
-            FSDP2 path.
+        comm: the communication seam (:mod:`lit_cosmos.comm`). ``"auto"`` (default) picks it from
+            the parameters: plain tensors run single-process (right under DDP too, where every
+            rank computes every update), DTensors sharded by rows run the FSDP2 path.
+            ``"ddp_split"`` splits the matrix work across DDP ranks (see
+            :mod:`lit_cosmos.distributed`); ``"local"`` forces one process.
 
     Raises:
         ValueError: for an invalid hyperparameter, algorithm, or a COSMOS parameter with
@@ -126,7 +128,7 @@ class COSMOS(Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         on_nonfinite: str = "raise",
         compile: bool = False,
-        comm: Optional[Comm] = None,
+        comm: "Comm | str | None" = "auto",
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
@@ -194,6 +196,20 @@ class COSMOS(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_refresh_request", None)
         self.__dict__.setdefault("on_nonfinite", "raise")
+        self.__dict__.setdefault("_ns", F.newton_schulz)
+        self.__dict__.setdefault("_comm", LocalComm())
+
+    def state_dict(self) -> dict[str, Any]:
+        # Under DDP work split the state of a matrix lives on its owner: consolidate first.
+        self._comm.consolidate(self)
+        try:
+            return super().state_dict()
+        finally:
+            self._comm.drop_unowned(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._comm.drop_unowned(self)
 
     def request_refresh(self, power_iters: Optional[int] = None) -> None:
         """Refresh the basis of every COSMOS matrix on the next step, with ``power_iters`` power
@@ -293,7 +309,7 @@ class COSMOS(Optimizer):
     def _cosmos_group(self, group: dict, request: Optional[int]) -> None:
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or not self._comm.computes(self, p):
                 continue
             st = self.state[p]
             if not st:
@@ -428,7 +444,7 @@ def cosmos_direction(
         # orthogonalize would blow up to a unit-norm noise matrix.
         Gt = A
     else:
-        B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz)
+        B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz, m=m)
         if r > 0 and ns_dtype != G.dtype:
             # In exact arithmetic NS5(R) has the row space of R, orthogonal to U. Low-precision
             # NS amplifies rounding noise in R's r null directions by about a^5 ~ 500 to O(1);

@@ -1,0 +1,251 @@
+"""COSMOS across processes: the FSDP2 and DDP work-split implementations of :class:`Comm`.
+
+FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) hands the optimizer DTensors
+sharded by rows, ``Shard(0)``: rank ``i`` holds rows ``[i c, (i+1) c)`` of every matrix, with
+``c = ceil(m / P)`` (the last shards may be short or empty). COSMOS then needs:
+
+===============================  =============================================================
+quantity                         communication
+===============================  =============================================================
+``G U``, ``V``, ``X U``, ``A``   none (local rows)
+``G^T (G U)`` (n x r)            all-reduce of n*r per refresh
+``(G U)^T (G U)`` (r x r)        all-reduce of r*r
+first basis: ``G^T G`` (n x n)   all-reduce of n*n, first step only
+``U`` after QR / eigh            broadcast of n*r from one rank (keeps U bitwise identical)
+``NS5(R)``                       the residual's rows gathered on ONE owner rank per matrix,
+                                 orthogonalised there, rows scattered back
+Frobenius norms                  all-reduce of one scalar per matrix
+===============================  =============================================================
+
+so ``M`` and ``V`` stay sharded (``(mn + mr) / P`` per rank) and ``U``, ``S`` are replicated
+(``nr + r^2``). Owners are spread so that every rank orthogonalises about the same amount of
+work (greedy by ``m n min(m, n)``), and the matrices one owner handles are stacked.
+
+DDP gives every rank whole matrices and identical (averaged) gradients, so plain COSMOS is
+already correct there: every rank computes the same update. :class:`DDPWorkSplit` instead lets
+each rank compute only the matrices it owns (balanced by cost), keeps their state only on the
+owner, and broadcasts the new values; ``state_dict()`` consolidates the complete state on every
+rank (a collective: call it on all ranks, as Lightning does), and ``load_state_dict()`` keeps the
+owned part again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lit_cosmos import functional as F
+from lit_cosmos.comm import Comm, _all_finite_local, is_dtensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lit_cosmos.optim import COSMOS
+
+__all__ = ["FSDPComm", "DDPWorkSplit", "assign_owners", "row_layout"]
+
+
+def ns_cost(m: int, n: int) -> int:
+    """Newton-Schulz cost of an ``m x n`` matrix, up to a constant: ``m n min(m, n)``."""
+    return m * n * min(m, n)
+
+
+def assign_owners(costs: Sequence[int], world_size: int, load: Optional[list[int]] = None) -> list[int]:
+    """Greedy balanced assignment (largest first to the least-loaded rank); deterministic, so
+    every rank computes the same answer. ``load`` (per rank) is updated in place."""
+    load = load if load is not None else [0] * world_size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += costs[i]
+    return owners
+
+
+def row_layout(m: int, world_size: int) -> list[int]:
+    """Rows held by each rank for ``Shard(0)`` of ``m`` rows (``torch.chunk`` semantics)."""
+    c = math.ceil(m / world_size) if m else 0
+    return [max(0, min(c, m - i * c)) for i in range(world_size)]
+
+
+class FSDPComm(Comm):
+    """COSMOS on row-sharded DTensor parameters (FSDP2 / ``ModelParallelStrategy``)."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.group = group
+        self._load: Optional[list[int]] = None
+
+    @classmethod
+    def from_params(cls, params: Sequence[Tensor]) -> "FSDPComm":
+        from torch.distributed.tensor import Shard
+
+        meshes = []
+        for p in params:
+            if not is_dtensor(p):
+                continue
+            placements = tuple(p.placements)
+            if p.device_mesh.ndim != 1 or placements != (Shard(0),):
+                raise ValueError(
+                    f"COSMOS supports DTensor parameters sharded by rows on a 1-D mesh, placements "
+                    f"(Shard(0),) as FSDP2's fully_shard makes them; got placements {placements} on a "
+                    f"{p.device_mesh.ndim}-D mesh for a parameter of shape {tuple(p.shape)}. Tensor "
+                    "parallelism (Shard(1) / Replicate on a tensor-parallel mesh) is not supported: "
+                    "use ModelParallelStrategy(tensor_parallel_size=1) with fully_shard."
+                )
+            meshes.append(p.device_mesh)
+        if any(mesh != meshes[0] for mesh in meshes):
+            raise ValueError("COSMOS needs all DTensor parameters on one device mesh")
+        return cls(meshes[0].get_group())
+
+    # -- helpers
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    # -- the seam
+    def all_reduce(self, t: Tensor) -> Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def replicate(self, t: Tensor) -> Tensor:
+        t = t.contiguous()  # gloo scrambles non-contiguous broadcasts; QR's Q is column-major
+        dist.broadcast(t, src=self._global(0), group=self.group)
+        return t
+
+    def all_finite(self, grads: Sequence[Tensor]) -> bool:
+        flag = _all_finite_local(grads).to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item() > 0)
+
+    def orthogonalize(
+        self, R: Tensor, steps: int, dtype: torch.dtype, newton_schulz: Callable[..., Tensor] = F.newton_schulz, m: Optional[int] = None
+    ) -> Tensor:
+        b, m_local, n = R.shape
+        P, me = self.world_size, self.rank
+        rows = row_layout(m, P)
+        if rows[me] != m_local:
+            raise RuntimeError(f"rank {me} holds {m_local} rows of a {m}-row matrix; Shard(0) over {P} ranks gives {rows}")
+        c = max(rows)
+        if self._load is None:
+            self._load = [0] * P
+        owners = assign_owners([ns_cost(m, n)] * b, P, self._load)
+        padded = R.new_zeros(b, c, n)
+        padded[:, :m_local] = R
+        out = torch.empty_like(R)
+        for owner in range(P):
+            idx = [j for j in range(b) if owners[j] == owner]
+            if not idx:
+                continue
+            send = padded[idx].contiguous()
+            gathered = [torch.empty_like(send) for _ in range(P)] if me == owner else None
+            dist.gather(send, gathered, dst=self._global(owner), group=self.group)
+            chunks = None
+            if me == owner:
+                full = torch.cat([blk[:, :rows[i]] for i, blk in enumerate(gathered)], dim=1)
+                B = F.normalized_orthogonal(full, steps, dtype, newton_schulz)
+                chunks, start = [], 0
+                for i in range(P):
+                    blk = send.new_zeros(len(idx), c, n)
+                    blk[:, :rows[i]] = B[:, start:start + rows[i]]
+                    start += rows[i]
+                    chunks.append(blk)
+            recv = torch.empty_like(send)
+            dist.scatter(recv, chunks, src=self._global(owner), group=self.group)
+            out[idx] = recv[:, :m_local]
+        return out
+
+    def after_step(self, optimizer: "COSMOS") -> None:
+        self._load = None
+
+
+class DDPWorkSplit(Comm):
+    """DDP with the matrix work split across ranks (see the module docstring).
+
+    Every rank must hold the same parameters with the same (averaged) gradients, as under
+    DDP. Each COSMOS matrix is owned by one rank, chosen once by :func:`assign_owners`.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.group = group
+        self._owner: Optional[dict[int, int]] = None
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    def _matrices(self, optimizer: "COSMOS") -> list[Tensor]:
+        return [p for g in optimizer.param_groups if g["algorithm"] == "cosmos" for p in g["params"]]
+
+    def owners(self, optimizer: "COSMOS") -> dict[int, int]:
+        if self._owner is None:
+            ps = self._matrices(optimizer)
+            costs = [ns_cost(p.shape[0], p.numel() // max(p.shape[0], 1)) for p in ps]
+            self._owner = {id(p): o for p, o in zip(ps, assign_owners(costs, self.world_size))}
+        return self._owner
+
+    def computes(self, optimizer: "COSMOS", p: Tensor) -> bool:
+        return self.owners(optimizer).get(id(p), self.rank) == self.rank
+
+    def after_step(self, optimizer: "COSMOS") -> None:
+        if self.world_size == 1:
+            return
+        owners = self.owners(optimizer)
+        by_owner: dict[int, list[Tensor]] = {}
+        for p in self._matrices(optimizer):
+            if p.grad is not None:
+                by_owner.setdefault(owners[id(p)], []).append(p)
+        for owner in range(self.world_size):
+            ps = by_owner.get(owner, [])
+            if not ps:
+                continue
+            flat = torch.cat([p.detach().reshape(-1) for p in ps])
+            dist.broadcast(flat, src=self._global(owner), group=self.group)
+            if owner != self.rank:
+                torch._foreach_copy_([p.detach() for p in ps], [x.view_as(p) for x, p in zip(flat.split([p.numel() for p in ps]), ps)])
+
+    def consolidate(self, optimizer: "COSMOS") -> None:
+        """Give every rank the complete state of every matrix (a collective)."""
+        if self.world_size == 1:
+            return
+        owners = self.owners(optimizer)
+        for group in optimizer.param_groups:
+            if group["algorithm"] != "cosmos":
+                continue
+            for p in group["params"]:
+                owner = owners[id(p)]
+                st = optimizer.state.get(p, {})
+                has = torch.tensor([1.0 if st else 0.0], device=p.device)
+                dist.broadcast(has, src=self._global(owner), group=self.group)
+                if not has.item():
+                    continue
+                if owner != self.rank:
+                    optimizer._init_cosmos_state(p, st, group["rank"])
+                    optimizer.state[p] = st
+                for key in ("step", "M", "U", "S", "V"):
+                    dist.broadcast(st[key], src=self._global(owner), group=self.group)
+
+    def drop_unowned(self, optimizer: "COSMOS") -> None:
+        """Free the state of matrices this rank does not own."""
+        if self.world_size == 1:
+            return
+        owners = self.owners(optimizer)
+        for p in self._matrices(optimizer):
+            if owners[id(p)] != self.rank:
+                optimizer.state.pop(p, None)

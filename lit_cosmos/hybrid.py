@@ -43,16 +43,22 @@ class MuonAdamW(Optimizer):
         W \leftarrow W (1 - \eta\lambda) - \eta\, s(A, B)\, O_t
 
     with :math:`s = 0.2\sqrt{\max(A, B)}` for ``adjust_lr_fn="match_rms_adamw"`` (the default
-    here), so the update has per-entry RMS about :math:`0.2\,\eta`: the RMS that COSMOS gives its
-    matrices with its default ``lr_ratio=0.2``. One ``lr`` therefore serves the Muon and the
-    AdamW groups, the same ``lr`` as COSMOS's, and a single LR schedule scales both. Every other
-    group takes a decoupled-weight-decay AdamW step with learning rate :math:`\eta`.
+    here). :math:`O_t` has about :math:`\min(A, B)` singular values near 1 (Newton-Schulz leaves
+    them in roughly [0.7, 1.2]), so the update's per-entry RMS is about :math:`0.17\,\eta`
+    (measured 0.16-0.18), close to the exact :math:`0.2\,\eta` that COSMOS gives its matrices with
+    its default ``lr_ratio=0.2``. One ``lr`` therefore serves the Muon and the AdamW groups, the
+    same ``lr`` as COSMOS's, and a single LR schedule scales both. Every other group takes a
+    decoupled-weight-decay AdamW step with learning rate :math:`\eta`.
 
     The maths is not re-implemented: the optimizer holds an inner ``torch.optim.Muon`` and an
     inner ``torch.optim.AdamW`` whose ``param_groups`` are this optimizer's own group dicts (the
     same objects) and whose ``state`` is this optimizer's ``state``. LR schedulers, gradient
     scalers and checkpoints see one ordinary optimizer; :meth:`load_state_dict` and unpickling
     re-link the inner optimizers to the loaded groups.
+
+    Tested single-process (DDP keeps parameters replicated, so it is the same maths). Under FSDP2
+    the inner ``torch.optim.Muon`` would receive row-sharded DTensors; that path is not tested
+    here (use :class:`lit_cosmos.COSMOS`, whose ``comm`` seam handles it).
 
     Group routing (by a group's ``algorithm`` key):
 
@@ -260,4 +266,5 @@ def _validate_adamw(group: dict, where: str, names: dict) -> None:
         raise ValueError(f"invalid {names.get('betas', 'betas')}={betas!r} in {where}: must be a pair (beta1, beta2)")
     for i, b in enumerate(betas):
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"invalid beta{i + 1}={b!r} ({names.get('betas', 'betas')}={tuple(betas)!r}) in {where}: must be in [0, 1)")
+            label = names.get("betas", "betas")
+            raise ValueError(f"invalid beta{i + 1}={b!r} ({label}={tuple(betas)!r}) in {where}: must be in [0, 1)")

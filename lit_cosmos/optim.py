@@ -209,6 +209,13 @@ class COSMOS(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # torch casts loaded state to the parameter's dtype; COSMOS keeps float32 state for
+        # bf16/fp16 parameters, so undo that.
+        for p, st in self.state.items():
+            cdt = _compute_dtype(p)
+            for key, value in st.items():
+                if key != "step" and isinstance(value, Tensor) and value.dtype != cdt:
+                    st[key] = value.to(cdt)
         self._comm.drop_unowned(self)
 
     def request_refresh(self, power_iters: Optional[int] = None) -> None:
@@ -217,6 +224,7 @@ class COSMOS(Optimizer):
         its basis from scratch instead. Used by :class:`lit_cosmos.callbacks.EigenbasisRefresh`."""
         if power_iters is not None and (not isinstance(power_iters, int) or power_iters < 1):
             raise ValueError(f"power_iters must be a positive int, got {power_iters!r}")
+        # 0 stands for "each group's own power_iters" (see _cosmos_bucket)
         self._refresh_request = power_iters if power_iters is not None else 0
 
     @property
@@ -232,6 +240,17 @@ class COSMOS(Optimizer):
                 st = self.state.get(p)
                 if st and float(st["step"]) > 0:
                     yield group, p, st
+
+    def _describe_nonfinite(self) -> str:
+        """Name the first parameter with a non-finite gradient on this rank (error path only)."""
+        for i, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, p in zip(names, group["params"]):
+                g = local_tensor(p.grad) if p.grad is not None else None
+                if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
+                    label = repr(name) if name else f"#{group['params'].index(p)} of param group {i}"
+                    return f" for parameter {label} of shape {tuple(p.shape)}"
+        return " on another rank"
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -252,11 +271,11 @@ class COSMOS(Optimizer):
         if self.on_nonfinite != "off" and grads and not self._comm.all_finite(grads):
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(
-                    "COSMOS got a non-finite (NaN or Inf) gradient; the step was not taken and the "
-                    "optimizer state is unchanged. Pass on_nonfinite='skip' to skip such steps."
+                    f"COSMOS got a non-finite (NaN or Inf) gradient{self._describe_nonfinite()}; the step "
+                    "was not taken and the optimizer state is unchanged. Pass on_nonfinite='skip' to "
+                    "skip such steps."
                 )
-            self._refresh_request = None
-            return loss
+            return loss  # skipped: a pending refresh request waits for the next real step
 
         request, self._refresh_request = self._refresh_request, None
         for group in self.param_groups:

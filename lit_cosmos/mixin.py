@@ -1,0 +1,334 @@
+r"""COSMOS for an existing LightningModule, with no other change to it: ``CosmosMixin``.
+
+.. code-block:: python
+
+    import lightning as L
+    from lit_cosmos import CosmosConfig, CosmosMixin
+
+    class MyModel(CosmosMixin, L.LightningModule):      # CosmosMixin FIRST
+        cosmos_config = CosmosConfig(lr=2e-3, rank=32)  # optional; the defaults are cosmos.md's
+        ...                                             # no configure_optimizers needed
+
+:meth:`CosmosMixin.configure_optimizers` routes the module's parameters once
+(:meth:`CosmosMixin.cosmos_param_groups`, overridable), builds :class:`lit_cosmos.COSMOS` on them and
+a per-step schedule: linear warmup, then cosine decay to a floor. With ``W`` warmup steps, ``T``
+total steps and ``s`` the number of optimizer steps already taken, step ``s + 1`` uses
+``lr * f(s)`` (each param group from its own initial ``lr``) with
+
+.. math::
+    f(s) = \frac{s + 1}{W} \quad (s < W), \qquad
+    f(s) = \rho + (1 - \rho)\,\tfrac12\big(1 + \cos(\pi \min(1, \tfrac{s - W}{T - W}))\big)
+    \quad (s \ge W),
+
+``rho = min_lr_ratio``: the first step already has a non-zero rate, the peak is reached at step
+``W``, and the floor at step ``T`` (held beyond it). It is one ``torch.optim.lr_scheduler.LambdaLR``
+with ``"interval": "step"``, because ``CosineAnnealingLR``'s ``eta_min`` is one absolute value for
+all groups whereas groups may have different rates (COSMOS's matrices and AdamW groups under
+:class:`lit_cosmos.MuonAdamW` with ``muon_lr``, a group's own ``lr``). ``T`` is
+``trainer.estimated_stepping_batches`` (optimizer steps, so gradient accumulation is counted)
+unless ``CosmosConfig.max_steps`` is set. The schedule's fields are saved in the checkpoint
+(``LambdaLR`` keeps a callable object's state), so a resumed run keeps its original warmup and
+total steps even if the new Trainer's ``max_steps`` differs.
+
+**LightningCLI injection.** If the module has an attribute ``optimizer`` (an
+``OptimizerCallable``: ``params -> Optimizer``) it is called with the routed param groups instead
+of building COSMOS, and an attribute ``lr_scheduler`` (``LRSchedulerCallable``:
+``optimizer -> scheduler``) replaces the warmup-cosine schedule (it is stepped every optimizer
+step; a ``ReduceLROnPlateau`` every epoch, on its ``monitor``). ``None`` means "not injected".
+Declare them in ``__init__`` with ``None`` or a MODULE-LEVEL FUNCTION as default, never a lambda
+(jsonargparse turns a lambda default into a ``class_path`` whose ``init_args`` then leak into
+whatever class a config substitutes). The function needs a return annotation naming an
+``Optimizer`` (scheduler) class: without one jsonargparse 4.53 silently passes the module its
+import path as a STRING (the mixin then raises a TypeError saying so):
+
+.. code-block:: python
+
+    from typing import Optional
+    from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+    from lit_cosmos import COSMOS
+
+    def cosmos_optimizer(params) -> COSMOS:             # module level, annotated, not a lambda
+        return COSMOS(params, lr=2e-3)
+
+    class MyModel(CosmosMixin, L.LightningModule):
+        def __init__(self, optimizer: OptimizerCallable = cosmos_optimizer,
+                     lr_scheduler: Optional[LRSchedulerCallable] = None):
+            super().__init__()
+            self.optimizer = optimizer                  # or default None: COSMOS from cosmos_config
+            self.lr_scheduler = lr_scheduler            # None: the warmup-cosine schedule
+
+.. code-block:: yaml
+
+    model:
+      class_path: my_package.MyModel
+      init_args:
+        optimizer:
+          class_path: lit_cosmos.MuonAdamW              # or torch.optim.AdamW, lit_cosmos.COSMOS
+          init_args: {lr: 0.002, weight_decay: 0.1}
+
+Do not use LightningCLI's top-level ``optimizer:`` / ``lr_scheduler:`` keys with this mixin: they
+replace ``configure_optimizers`` (losing the routing) and break FSDP2.
+
+The optimizer is built in ``configure_optimizers``, so after ``configure_model`` (FSDP2 shards
+the parameters first, and routing sees the sharded ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+
+from lit_cosmos.optim import COSMOS
+from lit_cosmos.routing import DEFAULT_HEAD_NAMES, cosmos_param_groups, routing_summary
+
+__all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine"]
+
+_COSMOS_ARGS = tuple(p for p in inspect.signature(COSMOS).parameters if p != "params")
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+
+@dataclass(frozen=True)
+class CosmosConfig:
+    """Optimizer, routing and schedule settings of :class:`CosmosMixin` (a class attribute).
+
+    Optimizer (see :class:`lit_cosmos.COSMOS`, whose defaults these are):
+        lr: AdamW-group rate and base rate (2e-3). lr_ratio: matrix update RMS ``lr_ratio*lr``
+        (0.2). betas: matrix ``(beta1, beta2)`` ((0.95, 0.95)). rank: subspace rank (64).
+        gamma: Newton-Schulz weight (0.2). weight_decay: decoupled, times ``lr`` (0.1).
+        adamw_betas: betas of the AdamW groups ((0.9, 0.95)).
+        optimizer_kwargs: any other :class:`~lit_cosmos.COSMOS` argument, e.g.
+        ``{"update_interval": 10, "ns_dtype": "float32"}``.
+
+    Schedule:
+        warmup_steps: linear-warmup steps; when given it wins over ``warmup_fraction``.
+        warmup_fraction: warmup as a fraction of the total steps, rounded (default 0.01).
+        min_lr_ratio: the cosine floor as a fraction of each group's peak rate (default 0.1;
+            ``min_lr_ratio=1.0`` with no warmup gives a constant rate).
+        max_steps: total steps of the schedule (default: ``trainer.estimated_stepping_batches``).
+
+    Routing (see :func:`lit_cosmos.cosmos_param_groups`): overrides, head_names, conv.
+
+    Raises:
+        ValueError: at construction, naming the bad value (negative ``lr``, ``min_lr_ratio``
+            outside [0, 1], an unknown ``optimizer_kwargs`` key...). COSMOS's own arguments are
+            checked again by COSMOS; warmup against the total steps in ``configure_optimizers``.
+    """
+
+    lr: float = 2e-3
+    lr_ratio: float = 0.2
+    betas: tuple[float, float] = (0.95, 0.95)
+    rank: int = 64
+    gamma: float = 0.2
+    weight_decay: float = 0.1
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    warmup_steps: Optional[int] = None
+    warmup_fraction: float = 0.01
+    min_lr_ratio: float = 0.1
+    max_steps: Optional[int] = None
+    overrides: Optional[Mapping[str, str]] = None
+    head_names: Sequence[str] = DEFAULT_HEAD_NAMES
+    conv: str = "adamw"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid CosmosConfig {name}={getattr(self, name)!r}: {why}")
+
+        for name in ("lr", "lr_ratio", "gamma", "weight_decay"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be a finite number >= 0")
+        if not _is_number(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", "must be in [0, 1]")
+        if not _is_number(self.warmup_fraction) or not 0.0 <= self.warmup_fraction < 1.0:
+            raise bad("warmup_fraction", "must be in [0, 1)")
+        if self.warmup_steps is not None and not _is_int(self.warmup_steps, low=0):
+            raise bad("warmup_steps", "must be None or an int >= 0")
+        if self.max_steps is not None and not _is_int(self.max_steps, low=1):
+            raise bad("max_steps", "must be None or an int >= 1")
+        if not _is_int(self.rank, low=0):
+            raise bad("rank", "must be an int >= 0")
+        if self.conv not in ("adamw", "cosmos"):
+            raise bad("conv", "must be 'adamw' or 'cosmos'")
+        named = {f.name for f in dataclasses.fields(self)} & set(_COSMOS_ARGS)
+        for key in self.optimizer_kwargs:
+            if key in named:
+                raise bad("optimizer_kwargs", f"{key!r} is a CosmosConfig field: set CosmosConfig({key}=...) instead")
+            if key not in _COSMOS_ARGS:
+                raise bad("optimizer_kwargs", f"{key!r} is not a COSMOS argument (known: {', '.join(_COSMOS_ARGS)})")
+
+    def build_optimizer(self, params: Any) -> COSMOS:
+        """COSMOS over ``params`` with these settings."""
+        return COSMOS(
+            params, lr=self.lr, lr_ratio=self.lr_ratio, betas=tuple(self.betas), rank=self.rank, gamma=self.gamma,
+            weight_decay=self.weight_decay, adamw_betas=tuple(self.adamw_betas), **self.optimizer_kwargs,
+        )
+
+    def resolve_warmup(self, total_steps: int) -> int:
+        """Warmup steps for a run of ``total_steps``; raises if warmup does not fit in it."""
+        if self.warmup_steps is not None:
+            warmup, source = self.warmup_steps, f"warmup_steps={self.warmup_steps}"
+        else:
+            warmup = int(round(self.warmup_fraction * total_steps))
+            source = f"warmup_fraction={self.warmup_fraction} (= {warmup} steps)"
+        if warmup >= total_steps:
+            raise ValueError(
+                f"invalid CosmosConfig {source}: the warmup must be shorter than the {total_steps} total steps "
+                "of the schedule"
+            )
+        return warmup
+
+
+@dataclass
+class WarmupCosine:
+    """``LambdaLR`` factor: linear warmup over ``warmup_steps``, cosine to ``min_lr_ratio`` at
+    ``total_steps`` (formula in the module docstring). A callable object, not a closure, so
+    ``LambdaLR.state_dict`` saves its fields with the checkpoint."""
+
+    warmup_steps: int
+    total_steps: int
+    min_lr_ratio: float
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CosmosMixin:
+    """Adds ``configure_optimizers`` (COSMOS + warmup-cosine) to a LightningModule.
+
+    Put it first in the bases: ``class MyModel(CosmosMixin, L.LightningModule)``. Configure it
+    with a class attribute ``cosmos_config = CosmosConfig(...)``, change the routing by overriding
+    :meth:`cosmos_param_groups`, or inject ``optimizer`` / ``lr_scheduler`` attributes (see the
+    module docstring for LightningCLI). The routing table is logged once, on rank zero.
+
+    Raises:
+        TypeError: at class creation when ``LightningModule`` precedes ``CosmosMixin`` in the
+            bases (its ``configure_optimizers`` would silently win), or when ``cosmos_config`` is
+            not a :class:`CosmosConfig`; in ``configure_optimizers`` when an injected
+            ``optimizer`` / ``lr_scheduler`` is neither ``None`` nor callable, or returns the
+            wrong type.
+        ValueError: when the total steps are unknown or infinite, or the warmup does not fit.
+    """
+
+    cosmos_config: ClassVar[CosmosConfig] = CosmosConfig()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if LightningModule in mro and mro.index(LightningModule) < mro.index(CosmosMixin):
+            raise TypeError(
+                f"{cls.__qualname__}: CosmosMixin must come before LightningModule in the bases, "
+                f"e.g. class {cls.__name__}(CosmosMixin, L.LightningModule); otherwise "
+                "LightningModule.configure_optimizers wins and COSMOS is never used"
+            )
+        if not isinstance(cls.cosmos_config, CosmosConfig):
+            raise TypeError(
+                f"{cls.__qualname__}.cosmos_config must be a lit_cosmos.CosmosConfig, "
+                f"got {type(cls.cosmos_config).__name__}"
+            )
+
+    def cosmos_param_groups(self) -> list[dict[str, Any]]:
+        """The routed param groups handed to the optimizer. Override to change the routing.
+
+        Default: :func:`lit_cosmos.cosmos_param_groups` with ``cosmos_config``'s ``overrides``,
+        ``head_names`` and ``conv``; the groups carry no hyperparameters except the
+        ``adamw_no_decay`` group's ``weight_decay=0``, so any injected optimizer accepts them.
+        """
+        cfg = self.cosmos_config
+        module: nn.Module = self  # type: ignore[assignment]
+        return cosmos_param_groups(module, overrides=cfg.overrides, head_names=tuple(cfg.head_names), conv=cfg.conv)
+
+    def cosmos_total_steps(self) -> int:
+        """Total optimizer steps of the schedule: ``cosmos_config.max_steps`` or the trainer's estimate."""
+        if self.cosmos_config.max_steps is not None:
+            return self.cosmos_config.max_steps
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            raise ValueError(
+                "the LR schedule needs the total steps: attach the module to a Trainer or set "
+                "CosmosConfig(max_steps=...)"
+            )
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ValueError(
+                f"the LR schedule needs a finite number of steps, but trainer.estimated_stepping_batches={total}: "
+                "set Trainer(max_steps=...) or CosmosConfig(max_steps=...)"
+            )
+        return int(total)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.cosmos_config
+        groups = self.cosmos_param_groups()
+        summary = routing_summary(groups)
+        make_optimizer = self._cosmos_injected("optimizer")
+        if make_optimizer is None:
+            optimizer = cfg.build_optimizer(groups)
+        else:
+            optimizer = make_optimizer(groups)
+            if not isinstance(optimizer, Optimizer):
+                raise TypeError(
+                    f"the injected optimizer {make_optimizer!r} returned {type(optimizer).__name__}, "
+                    "not a torch Optimizer"
+                )
+
+        make_scheduler = self._cosmos_injected("lr_scheduler")
+        if make_scheduler is None:
+            total = self.cosmos_total_steps()
+            schedule = WarmupCosine(cfg.resolve_warmup(total), total, cfg.min_lr_ratio)
+            scheduler_config: dict[str, Any] = {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}
+            schedule_txt = f"warmup {schedule.warmup_steps} steps, cosine to {cfg.min_lr_ratio} x lr at step {total}"
+        else:
+            scheduler = make_scheduler(optimizer)
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler_config = {"scheduler": scheduler, "interval": "epoch"}
+                if getattr(scheduler, "monitor", None):
+                    scheduler_config["monitor"] = scheduler.monitor
+            elif callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "optimizer"):
+                scheduler_config = {"scheduler": scheduler, "interval": "step"}
+            else:
+                raise TypeError(
+                    f"the injected lr_scheduler {make_scheduler!r} returned {type(scheduler).__name__}, "
+                    "not an LR scheduler"
+                )
+            schedule_txt = f"{type(scheduler).__name__} (injected), stepped every {scheduler_config['interval']}"
+
+        if not getattr(self, "_cosmos_summary_logged", False):
+            rank_zero_info(f"{type(self).__name__}: {type(optimizer).__name__}, {schedule_txt}\n{summary}")
+            self._cosmos_summary_logged = True
+        return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
+
+    def _cosmos_injected(self, name: str) -> Any:
+        value = getattr(self, name, None)
+        if isinstance(value, str) and "." in value:
+            raise TypeError(
+                f"{type(self).__name__}.{name} = {value!r} is a string, not a callable. jsonargparse passes a "
+                "default function as its import path when the function has no return annotation: declare it "
+                + (f"as `def {value.rsplit('.', 1)[-1]}(params) -> torch.optim.Optimizer:`" if name == "optimizer"
+                   else f"as `def {value.rsplit('.', 1)[-1]}(optimizer) -> torch.optim.lr_scheduler.LRScheduler:`")
+            )
+        if value is not None and (not callable(value) or isinstance(value, nn.Module)):
+            kind = "OptimizerCallable" if name == "optimizer" else "LRSchedulerCallable"
+            raise TypeError(
+                f"{type(self).__name__}.{name} = {value!r} is neither None nor callable: CosmosMixin uses an "
+                f"attribute named {name!r} as an injected {kind}"
+            )
+        return value
+

@@ -70,16 +70,19 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, include_step: bool =
 def memory_report(param_groups: Iterable[Mapping[str, Any]], rank: int | None = None, bytes_per_element: int = 4) -> dict[str, int]:
     """Formula state bytes of every optimizer in :data:`OPTIMIZERS` for these param groups.
 
-    Parameters in ``algorithm="cosmos"`` groups count as matrices (with the group's ``rank``
-    unless ``rank`` is given); all others fall back to AdamW for every optimizer, as they do
-    in practice (embeddings, heads, norms and biases are not Muon/COSMOS material).
+    Parameters in ``algorithm="cosmos"`` or ``"muon"`` groups count as matrices (with the group's
+    ``rank`` unless ``rank`` is given), and so do 2-D parameters of groups without an
+    ``algorithm`` (how COSMOS itself routes plain parameters); all others fall back to AdamW for
+    every optimizer, as they do in practice (embeddings, heads, norms and biases are not
+    Muon/COSMOS material).
     """
     totals = dict.fromkeys(OPTIMIZERS, 0)
     for g in param_groups:
-        is_matrix = g.get("algorithm", "adamw") == "cosmos"
+        alg = g.get("algorithm")
         r = rank if rank is not None else g.get("rank", 64)
         for item in g["params"]:
             p = item[1] if isinstance(item, tuple) else item
+            is_matrix = alg in ("cosmos", "muon") or (alg is None and p.ndim == 2)
             for opt in OPTIMIZERS:
                 totals[opt] += formula_numel(tuple(p.shape), opt, r, matrix=is_matrix) * bytes_per_element
     return totals

@@ -149,6 +149,8 @@ class COSMOS(Optimizer):
         )
         _validate(dict(defaults, betas=self._adamw_betas, algorithm="adamw"), where="adamw_betas")
         self.on_nonfinite = on_nonfinite
+        #: True when the last ``step()`` was skipped for a non-finite gradient (``on_nonfinite="skip"``).
+        self.last_step_skipped = False
         self._refresh_request: Optional[int] = None
         self._ns = torch.compile(F.newton_schulz, dynamic=None) if compile else F.newton_schulz
         super().__init__(list(params) if not isinstance(params, Tensor) else [params], defaults)
@@ -196,6 +198,7 @@ class COSMOS(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_refresh_request", None)
         self.__dict__.setdefault("on_nonfinite", "raise")
+        self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("_ns", F.newton_schulz)
         self.__dict__.setdefault("_comm", LocalComm())
 
@@ -221,7 +224,9 @@ class COSMOS(Optimizer):
     def request_refresh(self, power_iters: Optional[int] = None) -> None:
         """Refresh the basis of every COSMOS matrix on the next step, with ``power_iters`` power
         iterations (default: each group's ``power_iters``). A matrix's first step always builds
-        its basis from scratch instead. Used by :class:`lit_cosmos.callbacks.EigenbasisRefresh`."""
+        its basis from scratch instead. The request waits for the next step that is taken (a
+        step skipped or refused for a non-finite gradient does not consume it). Used by
+        :class:`lit_cosmos.callbacks.EigenbasisRefresh`."""
         if power_iters is not None and (not isinstance(power_iters, int) or power_iters < 1):
             raise ValueError(f"power_iters must be a positive int, got {power_iters!r}")
         # 0 stands for "each group's own power_iters" (see _cosmos_bucket)
@@ -232,7 +237,11 @@ class COSMOS(Optimizer):
         return self._refresh_request is not None
 
     def matrix_states(self) -> Iterable[tuple[dict, Tensor, dict]]:
-        """Yield ``(group, param, state)`` for every COSMOS matrix whose basis exists."""
+        """Yield ``(group, param, state)`` for every COSMOS matrix whose basis exists on this rank.
+
+        Rank-local: under ``comm="ddp_split"`` only the matrices this rank owns have state, and
+        under FSDP2 ``M``/``V`` are DTensors (use :func:`lit_cosmos.comm.local_tensor`).
+        """
         for group in self.param_groups:
             if group["algorithm"] != "cosmos":
                 continue
@@ -275,7 +284,9 @@ class COSMOS(Optimizer):
                     "was not taken and the optimizer state is unchanged. Pass on_nonfinite='skip' to "
                     "skip such steps."
                 )
+            self.last_step_skipped = True
             return loss  # skipped: a pending refresh request waits for the next real step
+        self.last_step_skipped = False
 
         request, self._refresh_request = self._refresh_request, None
         for group in self.param_groups:

@@ -313,7 +313,11 @@ def test_nonfinite_gradient_raises_and_leaves_state_untouched(bad):
 
     skip = COSMOS(ps, on_nonfinite="skip")
     skip.step()
+    assert skip.last_step_skipped
     assert not skip.state and all(torch.equal(p.detach(), w) for p, w in zip(ps, before))
+    ps[0].grad[1, 2] = 0.0
+    skip.step()
+    assert not skip.last_step_skipped and skip.state
 
 
 def test_finite_check_does_not_overflow_on_large_values():
@@ -453,3 +457,13 @@ def test_compiled_newton_schulz_matches_eager():
 
 def test_rms_scale_is_sqrt_mn():
     assert F.update_scale(4, 9) == math.sqrt(36)
+
+
+def test_memory_report_counts_muon_and_plain_groups_as_matrices():
+    from lit_cosmos import memory_report
+
+    w, b = _params((6, 4), (4,))
+    want = {"cosmos": (24 + 6 * 2 + 4 * 2 + 4) + 8, "adamw": 48 + 8, "muon": 24 + 8, "soap": 2 * 24 + 2 * 36 + 2 * 16 + 8}
+    want = {k: 4 * v for k, v in want.items()}
+    assert memory_report([{"params": [w, b]}], rank=2) == want
+    assert memory_report([{"params": [w], "algorithm": "muon"}, {"params": [b], "algorithm": "adamw"}], rank=2) == want

@@ -1,0 +1,15 @@
+"""PyTorch Lightning callbacks for COSMOS.
+
+* :class:`EigenbasisRefresh`: on which optimizer steps the eigenbasis is refreshed
+  (constant, dense-then-sparse or drift-adaptive schedules), resumable from checkpoints.
+* :class:`MemoryMonitor`: optimizer-state bytes actually held, against the AdamW / Muon / SOAP
+  formulas for the same parameters (any optimizer).
+* :class:`SubspaceMonitor`: gradient energy in the rank-r subspace, update RMS and the
+  Newton-Schulz error, per COSMOS matrix, summarised.
+"""
+
+from lit_cosmos.callbacks.memory_monitor import MemoryMonitor
+from lit_cosmos.callbacks.refresh import SCHEDULES, EigenbasisRefresh
+from lit_cosmos.callbacks.subspace_monitor import SubspaceMonitor
+
+__all__ = ["EigenbasisRefresh", "MemoryMonitor", "SubspaceMonitor", "SCHEDULES"]

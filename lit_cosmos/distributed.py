@@ -130,6 +130,8 @@ class FSDPComm(Comm):
     def orthogonalize(
         self, R: Tensor, steps: int, dtype: torch.dtype, newton_schulz: Callable[..., Tensor] = F.newton_schulz, m: Optional[int] = None
     ) -> Tensor:
+        if R.ndim == 2:
+            return self.orthogonalize(R.unsqueeze(0), steps, dtype, newton_schulz, m=m)[0]
         b, m_local, n = R.shape
         P, me = self.world_size, self.rank
         rows = row_layout(m, P)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "NS_COEFFICIENTS",
+    "addmm",
     "newton_schulz",
     "polar_factor",
     "top_eigenvectors",
@@ -46,6 +47,13 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
+def addmm(input: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """``beta * input + alpha * (a @ b)`` in one fused call, for matrices or stacks of them."""
+    if input.ndim == 2:
+        return torch.addmm(input, a, b, beta=beta, alpha=alpha)
+    return torch.baddbmm(input, a, b, beta=beta, alpha=alpha)
+
+
 def newton_schulz(
     X: Tensor,
     steps: int = 5,
@@ -62,27 +70,35 @@ def newton_schulz(
     exactly at 1: the map is tuned for speed of the small singular values, not for exactness.
 
     Args:
-        X: ``(..., m, n)``; a zero matrix maps to a zero matrix.
+        X: ``(m, n)`` or ``(b, m, n)``; a zero matrix maps to a zero matrix.
         steps: number of iterations.
         dtype: compute dtype (``torch.bfloat16`` or ``torch.float32``).
 
     Returns:
         A tensor of the shape and dtype of ``X``.
     """
-    if X.ndim < 2:
+    if X.ndim not in (2, 3):
         raise ValueError(f"newton_schulz needs a matrix or a stack of matrices, got shape {tuple(X.shape)}")
-    a, b, c = coefficients
     transpose = X.size(-2) > X.size(-1)
-    Y = X.mT if transpose else X
-    Y = Y.to(dtype)
+    # Row-major in the compute dtype: a transposed view would make every iteration strided.
+    Y = (X.mT if transpose else X).to(dtype).contiguous()
     Y = Y / (torch.linalg.matrix_norm(Y, keepdim=True) + eps)
-    for _ in range(steps):
-        A = Y @ Y.mT
-        B = b * A + c * (A @ A)
-        Y = a * Y + B @ Y
+    if Y.ndim == 3 and Y.device.type == "cpu" and Y.size(0) > 1:
+        # On CPUs one 2-D GEMM per matrix beats a batched one (measured: 1.4-1.8x for bf16).
+        Y = torch.stack([_ns_iterations(y, steps, coefficients) for y in Y])
+    else:
+        Y = _ns_iterations(Y, steps, coefficients)
     if transpose:
         Y = Y.mT
     return Y.to(X.dtype)
+
+
+def _ns_iterations(Y: Tensor, steps: int, coefficients: tuple[float, float, float]) -> Tensor:
+    a, b, c = coefficients
+    for _ in range(steps):
+        A = Y @ Y.mT
+        Y = addmm(Y, addmm(A, A, A, beta=b, alpha=c), Y, beta=a)  # aY + (bA + cA^2) Y
+    return Y
 
 
 def polar_factor(X: Tensor) -> Tensor:

@@ -379,7 +379,7 @@ def test_ns_polar_error_reference_values():
     bf16_raw = ns_polar_error(R, steps=5, dtype=torch.bfloat16)
     bf16 = ns_polar_error(R, steps=5, dtype=torch.bfloat16, basis=U)
     fp32 = ns_polar_error(R, steps=5, dtype=torch.float32, basis=U)
-    assert bf16 < 0.6 * bf16_raw and abs(bf16 - fp32) < 0.03
+    assert bf16 < 0.7 * bf16_raw and abs(bf16 - fp32) < 0.03
 
 
 # ---------------------------------------------------------------------- 2 processes (gloo, CPU)

@@ -70,7 +70,7 @@ def _fsdp_worker(rank, world, port):
     _init(rank, world, port)
     mesh = init_device_mesh("cpu", (world,))
     params = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in _initial()]
-    opt = COSMOS(_groups(params), **KW)
+    opt = COSMOS(_groups(params), batch=True, **KW)  # stacks through gather/scatter too
     assert type(opt._comm).__name__ == "FSDPComm"
     steps = 5
     for s in range(steps):

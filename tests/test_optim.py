@@ -191,7 +191,7 @@ def test_plain_parameters_route_by_dimension():
 def test_batched_equals_one_matrix_at_a_time():
     ps = _params((8, 6), (8, 6), (8, 6), (6, 8), seed=11)
     singles = _clone(ps)
-    opt = COSMOS(ps, rank=3)
+    opt = COSMOS(ps, rank=3, batch=True)
     opts = [COSMOS([q], rank=3) for q in singles]
     g = torch.Generator().manual_seed(12)
     for _ in range(4):
@@ -357,6 +357,7 @@ BAD_ARGS = [
     (dict(adamw_betas=(0.9, 1.5)), "beta2=1.5"),
     (dict(on_nonfinite="ignore"), "on_nonfinite must be one of .* got 'ignore'"),
     (dict(lr=torch.tensor(0.1)), "pass a float"),
+    (dict(batch="yes"), "batch must be None, True or False, got 'yes'"),
 ]
 
 

@@ -1,0 +1,144 @@
+"""The benchmarks run end to end on tiny shapes and write well-formed results.
+
+Benchmarks are not tests: nothing here asserts a wall-clock time, only that every figure is
+there, finite and positive, and that the memory figures agree with the closed-form formulas
+(exactly, for COSMOS).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_cosmos import COSMOS, formula_numel, optimizer_state_bytes
+from zoo.bench import BENCHMARKS, common, optimizer_step, scaling
+from zoo.bench import main as zoo_bench_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_files(out: Path) -> dict:
+    assert (out / "results.md").read_text().startswith("# ")
+    data = json.loads((out / "results.json").read_text())
+    for key in ("cpu", "torch", "torch_threads", "command"):
+        assert key in data["machine"]
+    png = out / "results.png"
+    if common.pyplot() is not None:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return data
+
+
+@pytest.fixture(scope="module")
+def step_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimizer_step")
+    result = optimizer_step.run(["--quick", "--out", str(out), "--no-progress", "--threads", "1"])
+    return out, result
+
+
+def test_optimizer_step_outputs(step_result):
+    out, _ = step_result
+    data = _check_files(out)
+    assert data["benchmark"] == "optimizer_step"
+    expected = {"adamw", "muon", "cosmos", "cosmos_ui"}
+    assert expected <= set(data["optimizers"])
+    (model,) = data["models"]
+    assert model["model"] == "debug" and model["numel_matrices"] > 0 and model["numel_rest"] > 0
+    rows = {r["optimizer"]: r for r in model["rows"]}
+    assert set(rows) == set(data["optimizers"])
+    for r in rows.values():
+        for key in ("step_s", "matrix_step_s", "first_step_s", "vs_adamw", "vs_muon", "matrix_vs_muon", "state_bytes"):
+            assert _positive(r[key]), (r["optimizer"], key, r[key])
+        assert len(r["step_s_rounds"]) == data["settings"]["repeats"]
+    assert rows["adamw"]["vs_adamw"] == 1.0 and rows["muon"]["vs_muon"] == 1.0
+    md = (out / "results.md").read_text()
+    for r in rows.values():
+        assert r["label"] in md
+
+
+def test_optimizer_step_memory_matches_formulas(step_result):
+    _, result = step_result
+    (model,) = result["models"]
+    rows = {r["optimizer"]: r for r in model["rows"]}
+    for opt in ("cosmos", "cosmos_ui"):
+        assert rows[opt]["state_equals_formula"] is True
+        assert rows[opt]["state_bytes"] == rows[opt]["state_bytes_formula"] == rows[opt]["state_bytes_lit_cosmos"]
+    # torch AdamW and Muon hold exactly what the formulas say, too (step counters left out).
+    for opt in ("adamw", "muon", "soap", "galore"):
+        if opt in rows:
+            assert rows[opt]["state_bytes"] == rows[opt]["state_bytes_formula"], opt
+    # Recompute the COSMOS figure independently from the matrix shapes.
+    rank = result["settings"]["rank"]
+    mats = sum(formula_numel(tuple(m["shape"]), "cosmos", rank) for m in model["matrices"])
+    assert rows["cosmos"]["state_bytes"] == 4 * (mats + 2 * model["numel_rest"])
+    full = model["formula_full_model_vs_adamw"]
+    assert full["adamw"] == 1.0 and 0 < full["cosmos"] < 1
+
+
+def test_scaling_outputs(tmp_path):
+    out = tmp_path / "scaling"
+    scaling.run(["--quick", "--out", str(out), "--no-progress", "--threads", "1"])
+    data = _check_files(out)
+    s = data["settings"]
+    assert [r["rank"] for r in data["rank_sweep"]] == s["ranks"]
+    assert [r["n"] for r in data["size_sweep"]] == s["sizes"]
+    for row in data["rank_sweep"] + data["size_sweep"]:
+        for opt in ("cosmos", "muon", "adamw"):
+            assert _positive(row[opt]["step_s"]) and _positive(row[opt]["vs_muon"]), (row, opt)
+    assert data["rank_sweep"][-1]["effective_rank"] == min(s["ranks"][-1], *s["shape"])
+
+
+def test_state_bytes_walks_nested_state():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    p.grad = torch.randn(6, 4)
+    opt = COSMOS([p], rank=2)
+    opt.step()
+    assert common.state_bytes(opt) == optimizer_state_bytes(opt, include_step=False) == 4 * formula_numel((6, 4), "cosmos", 2)
+    assert common.state_bytes(opt, include_step=True) == optimizer_state_bytes(opt, include_step=True)
+
+    class Holder:
+        def __init__(self) -> None:
+            self.basis = torch.zeros(3, 2)
+
+    fake = torch.optim.SGD([p])
+    fake.state[p] = {"step": torch.tensor(1.0), "lists": [torch.zeros(5), []], "obj": Holder()}
+    assert common.state_bytes(fake) == 4 * (5 + 6)
+
+
+def test_markdown_table_and_ratio():
+    table = common.markdown_table(["a", "b"], [["x", 1.23456], ["y", float("nan")]])
+    assert table.splitlines()[1] == "|---|---|" and "| x | 1.23 |" in table and "| y | - |" in table
+    assert common.ratio_median([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+
+
+def test_cli_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "zoo.bench", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in BENCHMARKS:
+        assert name in proc.stdout
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        zoo_bench_main(["nope"])
+    with pytest.raises(SystemExit):
+        optimizer_step.run(["--optimizers", "sgd"])
+    with pytest.raises(SystemExit, match="unknown model"):
+        optimizer_step.run(["--models", "llama-nope"])
+
+
+def test_threads_restored_after_run(tmp_path):
+    before = torch.get_num_threads()
+    scaling.run(["--quick", "--out", str(tmp_path), "--no-progress", "--threads", "1", "--no-soap",
+                 "--ranks", "0", "4", "--sizes", "8", "--repeats", "1"])
+    assert torch.get_num_threads() == before
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["machine"]["torch_threads"] == 1
+    assert data["machine"]["command"].startswith("python -m zoo.bench scaling --quick")
+    assert all("soap" not in r for r in data["size_sweep"])

@@ -1,0 +1,51 @@
+"""Benchmarks of the optimizers on zoo shapes (CPU or GPU), run as ``python -m zoo.bench NAME``.
+
+- ``optimizer_step``: time per ``step()`` and state bytes of COSMOS, AdamW, Muon, SOAP and GaLore
+  on the matrix shapes of the llama configs (:mod:`zoo.bench.optimizer_step`).
+- ``scaling``: step time of COSMOS, Muon and SOAP as the rank and the matrix size grow
+  (:mod:`zoo.bench.scaling`).
+
+Every benchmark takes ``--quick`` (tiny shapes, seconds), ``--out DIR`` (default
+``bench_results/NAME/``) and writes ``results.json``, ``results.md`` and ``results.png`` there.
+Timings are ratios to baselines measured in the same process in interleaved rounds; see
+:mod:`zoo.bench.common`. Benchmarks are not tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional
+
+#: benchmark name -> module (each has ``run(argv) -> dict`` and ``main(argv)``)
+BENCHMARKS = {
+    "optimizer_step": "zoo.bench.optimizer_step",
+    "scaling": "zoo.bench.scaling",
+}
+
+__all__ = ["BENCHMARKS", "run", "main"]
+
+
+def _module(name: str) -> Any:
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[name])
+
+
+def run(name: str, argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run benchmark ``name`` with command-line arguments ``argv``; returns its result dict."""
+    return _module(name).run(argv or [])
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "--list"):
+        print("usage: python -m zoo.bench {" + ",".join(BENCHMARKS) + "} [--quick] [--out DIR] [options]\n")
+        print(__doc__)
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    main_fn: Callable[[list[str]], Any] = _module(name).main
+    main_fn(rest)

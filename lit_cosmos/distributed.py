@@ -76,6 +76,7 @@ class FSDPComm(Comm):
     def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
         self.group = group
         self._load: Optional[list[int]] = None
+        self._world_size: Optional[int] = None
 
     @classmethod
     def from_params(cls, params: Sequence[Tensor]) -> "FSDPComm":
@@ -102,7 +103,9 @@ class FSDPComm(Comm):
     # -- helpers
     @property
     def world_size(self) -> int:
-        return dist.get_world_size(self.group)
+        if self._world_size is None:
+            self._world_size = dist.get_world_size(self.group)
+        return self._world_size
 
     @property
     def rank(self) -> int:
@@ -113,11 +116,15 @@ class FSDPComm(Comm):
 
     # -- the seam
     def all_reduce(self, t: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return t
         t = t.contiguous()
         dist.all_reduce(t, group=self.group)
         return t
 
     def replicate(self, t: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return t
         t = t.contiguous()  # gloo scrambles non-contiguous broadcasts; QR's Q is column-major
         dist.broadcast(t, src=self._global(0), group=self.group)
         return t
@@ -130,6 +137,8 @@ class FSDPComm(Comm):
     def orthogonalize(
         self, R: Tensor, steps: int, dtype: torch.dtype, newton_schulz: Callable[..., Tensor] = F.newton_schulz, m: Optional[int] = None
     ) -> Tensor:
+        if self.world_size == 1:
+            return F.normalized_orthogonal(R, steps, dtype, newton_schulz)
         if R.ndim == 2:
             return self.orthogonalize(R.unsqueeze(0), steps, dtype, newton_schulz, m=m)[0]
         b, m_local, n = R.shape

@@ -142,3 +142,18 @@ def test_threads_restored_after_run(tmp_path):
     assert data["machine"]["torch_threads"] == 1
     assert data["machine"]["command"].startswith("python -m zoo.bench scaling --quick")
     assert all("soap" not in r for r in data["size_sweep"])
+
+
+def test_distributed_quick(tmp_path):
+    import json
+
+    from zoo import bench
+
+    result = bench.run("distributed", ["--quick", "--out", str(tmp_path), "--no-progress", "--world", "2"])
+    res = result["results"]["2"]
+    assert set(res) == {"replicated", "ddp_split", "fsdp2"}
+    # per-rank state: the split keeps only owned matrices, FSDP2 only its rows of M and V
+    assert res["ddp_split"]["state_bytes_per_rank_max"] < res["replicated"]["state_bytes_per_rank_max"]
+    assert res["fsdp2"]["state_bytes_per_rank_max"] < res["replicated"]["state_bytes_per_rank_max"]
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["worlds"] == [2]
+    assert (tmp_path / "results.md").read_text().startswith("# distributed")

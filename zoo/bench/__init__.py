@@ -4,6 +4,12 @@
   on the matrix shapes of the llama configs (:mod:`zoo.bench.optimizer_step`).
 - ``scaling``: step time of COSMOS, Muon and SOAP as the rank and the matrix size grow
   (:mod:`zoo.bench.scaling`).
+- ``convergence``: validation loss of COSMOS, AdamW, Muon and SOAP after the same token budget on a
+  small byte-level LLaMA, each at its swept learning rate, over seeds (:mod:`zoo.bench.convergence`).
+- ``refresh``: loss and step time of COSMOS with eigenbasis refreshes every 1, 4, 16 steps and
+  on the adaptive schedule (:mod:`zoo.bench.refresh`).
+- ``distributed``: optimizer-step time per rank for 1 vs 2 processes: replicated COSMOS, DDP
+  work split and FSDP2 row shards (:mod:`zoo.bench.distributed`).
 
 Every benchmark takes ``--quick`` (tiny shapes, seconds), ``--out DIR`` (default
 ``bench_results/NAME/``) and writes ``results.json``, ``results.md`` and ``results.png`` there.
@@ -20,6 +26,9 @@ from typing import Any, Callable, Optional
 BENCHMARKS = {
     "optimizer_step": "zoo.bench.optimizer_step",
     "scaling": "zoo.bench.scaling",
+    "distributed": "zoo.bench.distributed",
+    "convergence": "zoo.bench.convergence",
+    "refresh": "zoo.bench.refresh",
 }
 
 __all__ = ["BENCHMARKS", "run", "main"]

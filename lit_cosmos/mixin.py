@@ -90,7 +90,22 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from lit_cosmos.optim import COSMOS
 from lit_cosmos.routing import DEFAULT_HEAD_NAMES, cosmos_param_groups, routing_summary
 
-__all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine"]
+__all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine", "FSDP1_ERROR", "check_strategy"]
+
+FSDP1_ERROR = (
+    "FSDP1 (strategy='fsdp', FSDPStrategy) is not supported: it hands the optimizer flattened 1-D shards "
+    "of the weights, so a matrix optimizer such as COSMOS or Muon cannot see the matrices (and saving "
+    "its state fails). Use FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
+    "tensor_parallel_size=1) with fully_shard in configure_model, e.g. `--config configs/strategy/fsdp2.yaml`."
+)
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise a ``RuntimeError`` for strategies no matrix optimizer can run under (FSDP1)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise RuntimeError(FSDP1_ERROR)
 
 _COSMOS_ARGS = tuple(p for p in inspect.signature(COSMOS).parameters if p != "params")
 
@@ -275,6 +290,9 @@ class CosmosMixin:
         return int(total)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            check_strategy(trainer.strategy)
         cfg = self.cosmos_config
         groups = self.cosmos_param_groups()
         summary = routing_summary(groups)

@@ -379,3 +379,17 @@ def test_cli_injection_of_scheduler_and_none_default(tmp_path):
 def test_cli_unannotated_default_function_fails_clearly(tmp_path):
     with pytest.raises(TypeError, match=r"optimizer = '.*unannotated_optimizer' is a string.*return annotation"):
         _cli(tmp_path, CLIUnannotatedTinyLM, "")
+
+
+def test_fsdp1_is_refused_with_an_explanation():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_cosmos.mixin import FSDP1_ERROR
+
+    model = _model()
+    model._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(RuntimeError, match=r"FSDP1 .* flattened 1-D shards.*ModelParallelStrategy"):
+        model.configure_optimizers()
+    assert "fsdp2.yaml" in FSDP1_ERROR

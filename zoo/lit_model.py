@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from lit_cosmos import COSMOS
-from lit_cosmos.mixin import CosmosConfig, CosmosMixin
+from lit_cosmos.mixin import FSDP1_ERROR, CosmosConfig, CosmosMixin, check_strategy
 from zoo.config import Config
 from zoo.model import GPT
 
@@ -54,14 +54,6 @@ except ImportError:  # pragma: no cover - older torch
     from torch.distributed._composable.fsdp import fully_shard
 
 __all__ = ["CausalLM", "cosmos_optimizer", "FSDP1_ERROR"]
-
-FSDP1_ERROR = (
-    "FSDP1 (strategy='fsdp', FSDPStrategy) is not supported: it hands the optimizer flattened 1-D shards "
-    "of the weights, so a matrix optimizer such as COSMOS or Muon cannot see the matrices (and saving "
-    "its state fails). Use FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
-    "tensor_parallel_size=1), e.g. `--config configs/strategy/fsdp2.yaml`."
-)
-
 
 def cosmos_optimizer(params: Any) -> Optimizer:
     """The default optimizer of :class:`CausalLM`: :class:`lit_cosmos.COSMOS` with its defaults
@@ -189,10 +181,7 @@ class CausalLM(CosmosMixin, L.LightningModule):
         return torch.device(mesh.device_type)
 
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            raise RuntimeError(FSDP1_ERROR)
+        check_strategy(self.trainer.strategy)  # before any data is touched
         block_size = getattr(self.trainer.datamodule, "block_size", None)
         if isinstance(block_size, int) and block_size > self.config.block_size:
             raise ValueError(

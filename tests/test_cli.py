@@ -265,7 +265,17 @@ def test_checkpoint_loads_and_resumes(debug_run, data_cache):
     assert cli.model.tokens_seen == 5 * 4 * 64  # the count continues across the resume
 
     cli = build_cli(["validate", "--config", DEBUG, "--data.cache_dir", data_cache, "--ckpt_path", str(ckpt)])
-    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+    val_loss = cli.trainer.callback_metrics["val/loss"].item()
+    assert math.isfinite(val_loss)
+
+    # test and predict run on the held-out split: the test loss of a checkpoint is its val loss
+    cli = build_cli(["test", "--config", DEBUG, "--data.cache_dir", data_cache, "--ckpt_path", str(ckpt),
+                     "--trainer.limit_test_batches", "2"])  # the debug config validates on 2 batches
+    assert cli.trainer.callback_metrics["test/loss"].item() == pytest.approx(val_loss, rel=1e-6)
+    cli = build_cli(["predict", "--config", DEBUG, "--data.cache_dir", data_cache, "--ckpt_path", str(ckpt),
+                     "--trainer.limit_predict_batches", "2"])
+    preds = cli.trainer.predict_loop.predictions
+    assert len(preds) == 2 and preds[0].shape == (4, 64) and preds[0].dtype == torch.long
 
 
 def test_block_size_longer_than_the_model_is_refused(data_cache):

@@ -369,3 +369,11 @@ class TextDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []  # Lightning skips validation
         return StreamingDataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> StreamingDataLoader | list:
+        """The held-out split (``lit-cosmos test`` reports the validation loss of a checkpoint)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> StreamingDataLoader | list:
+        """The held-out split, for ``lit-cosmos predict`` (next-token predictions)."""
+        return self.val_dataloader()

@@ -229,8 +229,9 @@ class CausalLM(CosmosMixin, L.LightningModule):
         self.log("test/ppl", loss.exp(), sync_dist=True)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        """Greedy next-token ids ``(B, T)`` for each position of ``batch`` (``(B, T)`` token ids)."""
-        return self(batch).argmax(dim=-1)
+        """Greedy next-token ids ``(B, T)`` for each position of ``batch`` (``(B, T)`` token ids;
+        a data-module batch of ``block_size + 1`` tokens is cut to the model's context)."""
+        return self(batch[:, : self.config.block_size]).argmax(dim=-1)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -342,6 +342,10 @@ def test_quickstart_trains_and_the_loss_falls(data_cache, tmp_path):
     assert len(val) == 2 and val[1] < val[0]
     assert train[-1] < train[0] - 0.5  # from ~ln(257) = 5.55
     assert (log_dir / "checkpoints" / "last.ckpt").exists() and (log_dir / "config.yaml").is_file()
+    # the COSMOS callbacks of the quickstart wrote their plots
+    assert [v for _, v in logged["refresh/count"]][-1] == 7  # every step from step 2 on
+    savings = [v for _, v in logged["memory/savings_pct/adamw"]]  # logged after the first step
+    assert len(savings) == 1 and 0.0 < savings[0] < 50.0
 
 
 # ---------------------------------------------------------------------- FSDP2 across 2 processes (gloo)

@@ -88,3 +88,20 @@ def test_summary_lists_counts_and_shapes():
     cosmos = next(line for line in lines if line.startswith("cosmos"))
     assert cosmos.split()[1:4] == ["cosmos", "4", str(2 * (8 * 24 + 24 * 8))]
     assert "24x8 (2)" in cosmos and "8x24 (2)" in cosmos
+
+
+def test_optimizer_side_imports_without_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
+        "import torch, lit_cosmos\n"
+        "from lit_cosmos import COSMOS, cosmos_param_groups, memory_report, MuonAdamW\n"
+        "m = torch.nn.Linear(4, 3); opt = COSMOS(cosmos_param_groups(m)); m(torch.ones(2, 4)).sum().backward(); opt.step()\n"
+        "assert 'lightning' not in {k.split('.')[0] for k, v in sys.modules.items() if v is not None}\n"
+        "try:\n    lit_cosmos.CosmosMixin\nexcept ImportError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -355,6 +355,21 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def run_benchmark(
+    build_parser: Callable[[], argparse.ArgumentParser],
+    name: str,
+    body: Callable[[argparse.Namespace, list[str]], dict[str, Any]],
+    argv: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """Parse ``argv`` with the benchmark's parser, apply the common arguments, and run
+    ``body(args, argv)`` under ``--threads``; returns its result dict."""
+    argv = list(argv or [])
+    args = build_parser().parse_args(argv)
+    apply_common_args(args, name)
+    with torch_threads(args.threads):
+        return body(args, argv)
+
+
 def apply_common_args(args: argparse.Namespace, name: str) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available")

@@ -201,11 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the benchmark with command-line arguments ``argv``; returns the result dict."""
-    argv = list(argv or [])
-    args = build_parser().parse_args(argv)
-    common.apply_common_args(args, NAME)
-    with common.torch_threads(args.threads):
-        return _run(args, argv)
+    return common.run_benchmark(build_parser, NAME, _run, argv)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:

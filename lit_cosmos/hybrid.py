@@ -24,6 +24,14 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
+def _shard_placements(t: Tensor) -> tuple:
+    """The ``Shard`` placements of a DTensor (empty for plain tensors and replicated DTensors)."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return ()
+    return tuple(p for p in placements if p.is_shard())
+
+
 def _muon_class() -> type:
     muon = getattr(torch.optim, "Muon", None)
     if muon is None:
@@ -56,9 +64,11 @@ class MuonAdamW(Optimizer):
     scalers and checkpoints see one ordinary optimizer; :meth:`load_state_dict` and unpickling
     re-link the inner optimizers to the loaded groups.
 
-    Tested single-process (DDP keeps parameters replicated, so it is the same maths). Under FSDP2
-    the inner ``torch.optim.Muon`` would receive row-sharded DTensors; that path is not tested
-    here (use :class:`lit_cosmos.COSMOS`, whose ``comm`` seam handles it).
+    DDP keeps parameters replicated, so it is the single-process maths. FSDP2 is refused with a
+    clear error: ``torch.optim.Muon`` would receive row-sharded DTensors, whose Newton-Schulz is not
+    the Newton-Schulz of the whole matrix (and which torch's in-place update cannot write back).
+    Use :class:`lit_cosmos.COSMOS` there; its ``comm`` seam handles row shards, and
+    ``COSMOS(rank=0)`` steps along Muon's direction.
 
     Group routing (by a group's ``algorithm`` key):
 
@@ -172,6 +182,15 @@ class MuonAdamW(Optimizer):
                         f"Muon needs 2-D matrices: parameter {label}of shape {tuple(_tensor(item).shape)} is in "
                         f"{where} (algorithm={group['algorithm']!r}); route it to 'adamw' "
                         "(e.g. cosmos_param_groups(..., conv='adamw'))"
+                    )
+                placements = _shard_placements(_tensor(item))
+                if placements:
+                    label = f"{item[0]!r} " if isinstance(item, tuple) else ""
+                    raise ValueError(
+                        f"MuonAdamW cannot take parameter {label}of shape {tuple(_tensor(item).shape)} in {where}: "
+                        f"it is a DTensor sharded as {placements} (FSDP2), and torch.optim.Muon's Newton-Schulz "
+                        "needs whole matrices. Use lit_cosmos.COSMOS, whose comm seam handles row shards "
+                        "(COSMOS(rank=0) steps along Muon's direction), or DDP"
                     )
         elif alg != "adamw":
             raise ValueError(f"invalid algorithm={alg!r} in {where}: must be one of {MUON_ALGORITHMS + ('adamw',)}")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from typing import Any, Optional
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,6 +22,7 @@ from lit_cosmos.callbacks import EigenbasisRefresh, MemoryMonitor, SubspaceMonit
 from lit_cosmos.callbacks.memory_monitor import memory_figures
 from lit_cosmos.callbacks.subspace_monitor import ns_polar_error
 from lit_cosmos.comm import local_tensor
+from zoo.launch import spawn
 
 RANK = 4
 LR = 1e-2
@@ -419,12 +418,6 @@ def test_ddp_work_split_gives_the_single_process_figures(tmp_path):
     assert b["memory/state_bytes"][1] < b["memory/state_bytes_all_ranks"][1]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _fsdp_monitor_worker(rank: int, world: int, port: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -463,4 +456,4 @@ def _fsdp_monitor_worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_monitors_under_fsdp2_equal_one_process():
-    mp.spawn(_fsdp_monitor_worker, args=(2, _free_port()), nprocs=2, join=True)
+    spawn(_fsdp_monitor_worker, 2)

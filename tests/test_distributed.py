@@ -1,18 +1,18 @@
 """COSMOS across 2 processes (gloo, CPU): FSDP2 row shards and DDP work split equal one process."""
 
+import faulthandler
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lit_cosmos import COSMOS
 from lit_cosmos.distributed import assign_owners, row_layout
+from zoo.launch import spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -23,17 +23,12 @@ SHAPES = [(6, 4), (6, 4), (5, 7), (1, 6), (3, 12), (12, 3)]
 KW = dict(lr=1e-2, rank=2, ns_dtype="float32", weight_decay=0.1, update_interval=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, *args):
-    mp.spawn(fn, args=(WORLD, _free_port(), *args), nprocs=WORLD, join=True)
+def _spawn(fn, *args, world=WORLD):
+    spawn(fn, world, *args)
 
 
 def _init(rank, world, port):
+    faulthandler.enable(all_threads=True)  # a crash in a worker prints its Python stack
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
@@ -241,7 +236,7 @@ def test_fsdp2_checkpoint_resume_is_exact(tmp_path, full):
     if not full:
         # The same sharded checkpoint resumed by ONE process continues the same trajectory
         # (up to float rounding: the sums over row shards are now sums over one shard).
-        mp.spawn(_fsdp_one_process_resume_worker, args=(1, _free_port(), str(ckpt)), nprocs=1, join=True)
+        _spawn(_fsdp_one_process_resume_worker, str(ckpt), world=1)
 
 
 # ---------------------------------------------------------------------------- DDP work split

@@ -221,3 +221,27 @@ def test_bad_groups_raise():
         MuonAdamW([{"params": [conv.bias], "algorithm": "adamw", "lr": -2, "name": "x"}])
     with pytest.raises(ValueError, match="empty parameter list"):
         MuonAdamW([])
+
+
+def _fsdp_refused_worker(rank, world, port):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    replicated = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+    MuonAdamW([replicated])  # replicated matrices are whole on every rank: accepted
+    with pytest.raises(ValueError, match=r"parameter 'w' of shape \(4, 3\).*sharded as \(Shard\(dim=0\),\).*COSMOS"):
+        MuonAdamW([{"params": [("w", sharded)], "algorithm": "muon"}])
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp2_row_shards_are_refused_with_a_clear_error():
+    # torch.optim.Muon on a row shard would orthogonalise the shard, not the matrix (and fails
+    # deep inside DTensor dispatch); MuonAdamW says so at construction.
+    from zoo.launch import spawn
+
+    spawn(_fsdp_refused_worker, 1)

@@ -28,19 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lit_cosmos import COSMOS, optimizer_state_bytes
 from zoo.bench import common
 from zoo.config import Config
+from zoo.launch import spawn
 
 NAME = "distributed"
 CANDIDATES = ("replicated", "ddp_split", "fsdp2")
@@ -52,12 +51,6 @@ def block_shapes(cfg: Config, blocks: int) -> list[tuple[int, int]]:
     attn = [(d, d), (kv, d), (kv, d), (d, d)]
     mlp = [(h, d), (h, d), (d, h)] if cfg.mlp == "swiglu" else [(h, d), (d, h)]
     return (attn + mlp) * blocks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
@@ -156,7 +149,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for world in common.progress(worlds, len(worlds), "process counts", not args.no_progress):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "r.json")
-            mp.spawn(_worker, args=(world, _free_port(), job, out), nprocs=world, join=True)
+            spawn(_worker, world, job, out)
             results[str(world)] = json.loads(Path(out).read_text())
     result = {"name": NAME, "machine": common.machine_info(args.device, ["distributed", *argv]),
               "settings": settings, "shapes": job["shapes"], "results": results}

@@ -1,7 +1,7 @@
 """lit-cosmos: the COSMOS optimizer for PyTorch, and its PyTorch Lightning integration.
 
-The optimizer, routing helper, kernels and memory formulas need only torch. The Lightning
-pieces (:class:`CosmosMixin` and the callbacks) are imported on first use, so that
+The optimizer, routing helper, refresh schedule, kernels and memory formulas need only torch.
+The Lightning pieces (:class:`CosmosMixin` and the callbacks) are imported on first use, so that
 ``from lit_cosmos import COSMOS`` works without Lightning installed.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 from lit_cosmos.memory import formula_numel, memory_report, optimizer_state_bytes
 from lit_cosmos.optim import COSMOS
 from lit_cosmos.routing import cosmos_param_groups, routing_summary
+from lit_cosmos.schedule import RefreshSchedule
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ _LAZY = {
 
 __all__ = [
     "COSMOS",
+    "RefreshSchedule",
     "cosmos_param_groups",
     "routing_summary",
     "formula_numel",

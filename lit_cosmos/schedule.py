@@ -70,9 +70,10 @@ class RefreshSchedule:
     * ``{prefix}drift_mean``, ``{prefix}drift_max``: drift over matrices (refreshes only),
     * ``{prefix}power_iters``: power iterations of this refresh (refreshes only).
 
-    ``update_interval = 0`` is part of the optimizer's param groups, so its ``state_dict`` carries
-    it: an optimizer restored from it *without* a schedule never refreshes unless
-    ``update_interval`` is set back. :meth:`detach` leaves it at 0 too.
+    While attached, the live COSMOS groups hold ``update_interval = 0``, but the optimizer's
+    ``state_dict()`` carries each group's own ``update_interval`` (the value it had when attached,
+    or the one a later ``load_state_dict`` brought): a checkpoint resumed *without* a schedule
+    refreshes on its own interval instead of never. :meth:`detach` sets the own values back.
 
     Under DDP or FSDP2 every rank runs the same schedule: it depends on the step counters and
     on the drift reduced over all ranks (a ``torch.distributed`` all-reduce on refresh steps,
@@ -194,6 +195,7 @@ class RefreshSchedule:
 
         self._optimizer: Optional[COSMOS] = None
         self._handles: list[RemovableHandle] = []
+        self._own_intervals: dict[int, int] = {}  # group index -> update_interval before attach
         self.reset(0)
         # Per-step scratch, set by the pre-hook and consumed by the post-hook.
         self._pending: Optional[dict[str, Any]] = None
@@ -300,21 +302,48 @@ class RefreshSchedule:
             )
         self.detach()
         self._optimizer = optimizer
+        self._own_intervals = {}
+        self._record_own_intervals(optimizer)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
+            optimizer.register_state_dict_post_hook(self._carry_own_intervals),
+            optimizer.register_load_state_dict_post_hook(self._after_load),
         ]
         self._set_manual(optimizer)
         return self
 
     def detach(self) -> None:
-        """Remove the step hooks. The optimizer's COSMOS groups keep ``update_interval = 0``: it
-        no longer refreshes unless that is set back."""
+        """Remove the hooks and give every COSMOS group its own ``update_interval`` back."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._optimizer is not None:
+            groups = self._optimizer.param_groups
+            for index, interval in self._own_intervals.items():
+                if index < len(groups) and groups[index]["algorithm"] == "cosmos":
+                    groups[index]["update_interval"] = interval
         self._optimizer = None
         self._pending = None
+
+    def _record_own_intervals(self, optimizer: COSMOS) -> None:
+        # 0 means "driven by a schedule" (e.g. a checkpoint saved by an older version): keep the
+        # value recorded before, if any.
+        for index, group in enumerate(optimizer.param_groups):
+            if group["algorithm"] == "cosmos" and (group["update_interval"] != 0 or index not in self._own_intervals):
+                self._own_intervals[index] = group["update_interval"]
+
+    def _carry_own_intervals(self, optimizer: COSMOS, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Optimizer.state_dict() builds fresh group dicts: the live groups keep 0.
+        groups = state_dict["param_groups"]
+        for index, interval in self._own_intervals.items():
+            if index < len(groups) and groups[index].get("algorithm") == "cosmos":
+                groups[index]["update_interval"] = interval
+        return state_dict
+
+    def _after_load(self, optimizer: COSMOS) -> None:
+        self._record_own_intervals(optimizer)
+        self._set_manual(optimizer)
 
     @staticmethod
     def _set_manual(optimizer: COSMOS) -> None:

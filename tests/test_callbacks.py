@@ -127,7 +127,8 @@ def test_constant_schedule_refreshes_on_multiples(tmp_path):
     assert request_steps(model) == [3, 6, 9]
     # The basis really changes on the initialisation and on those steps only.
     assert model.U_changed_at == [1, 3, 6, 9]
-    assert all(g["update_interval"] == 0 for g in trainer.optimizers[0].param_groups if g["algorithm"] == "cosmos")
+    # manual while attached (see the mid-run checkpoint test), its own value again after fit
+    assert all(g["update_interval"] == 1 for g in trainer.optimizers[0].param_groups if g["algorithm"] == "cosmos")
     logged = scalars(trainer)
     assert logged["refresh/count"] == {1: 0.0, 3: 1.0, 6: 2.0, 9: 3.0}
     assert logged["refresh/interval"] == {1: 2.0, 3: 3.0, 6: 3.0, 9: 3.0}
@@ -219,6 +220,32 @@ def test_resume_without_callback_state_starts_from_the_restored_step(tmp_path):
     cb = EigenbasisRefresh("constant", interval=3)
     _, model = fit(tmp_path, [cb], max_steps=10, name="second", ckpt_path=str(tmp_path / "plain.ckpt"))
     assert request_steps(model) == [6, 9] and cb.refreshes == 2
+
+
+class _SaveAt(L.Callback):
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path, self.live_intervals = step, path, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            self.live_intervals = [g["update_interval"] for g in trainer.optimizers[0].param_groups
+                                   if g["algorithm"] == "cosmos"]
+
+
+def test_mid_run_checkpoint_carries_the_optimizers_own_interval(tmp_path):
+    # The callback drives refreshes by setting update_interval=0 on the live groups; a checkpoint
+    # saved meanwhile still says 3, so resuming it without the callback refreshes every 3 steps.
+    saver = _SaveAt(4, tmp_path / "mid.ckpt")
+    trainer, _ = fit(tmp_path, [EigenbasisRefresh("constant", interval=1), saver], max_steps=6, logger=False,
+                     update_interval=3)
+    assert saver.live_intervals and set(saver.live_intervals) == {0}
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert [g["update_interval"] for g in saved if g["algorithm"] == "cosmos"] == [3] * len(saver.live_intervals)
+    # after fit the callback hands the optimizer its own value back
+    assert {g["update_interval"] for g in trainer.optimizers[0].param_groups if g["algorithm"] == "cosmos"} == {3}
+    _, resumed = fit(tmp_path, [], max_steps=10, logger=False, ckpt_path=str(tmp_path / "mid.ckpt"), update_interval=3)
+    assert resumed.U_changed_at == [5, 6, 9]  # 5: the first step seen by this run; then COSMOS's own 6 and 9
 
 
 def test_refresh_state_dict_roundtrip():

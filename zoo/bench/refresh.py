@@ -10,10 +10,9 @@ the rate the convergence sweep chose for COSMOS on the default setup). Variants:
 ``ui=4``      ``COSMOS(update_interval=4)``: on steps 4, 8, ...; the other steps accumulate
               the projected second moment ``S`` in the current basis.
 ``ui=16``     ``COSMOS(update_interval=16)``.
-``adaptive``  :class:`lit_cosmos.callbacks.EigenbasisRefresh` ``("adaptive")`` with its
-              defaults (start gap 1, gap x2 when the basis drift is < 0.01, / 2 when > 0.1,
-              gaps 1..100). The callback is driven through its public hooks by a stand-in for
-              the few Trainer attributes it reads (this benchmark runs a plain loop).
+``adaptive``  :class:`lit_cosmos.RefreshSchedule` ``("adaptive")`` (the schedule of the
+              ``EigenbasisRefresh`` callback, for a plain loop) with its defaults (start gap 1,
+              gap x2 when the basis drift is < 0.01, / 2 when > 0.1, gaps 1..100).
 ============  =======================================================================
 
 Every variant trains ``--seeds`` seeds (same initial weights and batches per seed across variants),
@@ -44,7 +43,7 @@ from typing import Any, Optional
 
 import torch
 
-from lit_cosmos.callbacks import EigenbasisRefresh
+from lit_cosmos import RefreshSchedule
 from zoo.bench import common
 from zoo.bench.convergence import (Data, Run, add_training_args, block_ratio, build_optimizer, curve_band, fmt_loss,
                                    make_setup, mean_std, settings_dict, setup_markdown, train_lockstep)
@@ -54,28 +53,8 @@ INTERVALS = (1, 4, 16)
 #: COSMOS's learning rate chosen by the convergence sweep on the default setup.
 DEFAULT_LR = 8e-3
 BLOCK = 16
-#: EigenbasisRefresh settings recorded with the results (the adaptive variant uses its defaults).
+#: RefreshSchedule settings recorded with the results (the adaptive variant uses its defaults).
 ADAPTIVE_KEYS = ("interval", "growth", "min_interval", "max_interval", "drift_low", "drift_high", "drift_reduce")
-
-
-class _MetricLog:
-    """Collects what EigenbasisRefresh logs (refresh count, gap, drift) per optimizer step."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        self.rows.append({"step": step, **metrics})
-
-
-class _LoopTrainer:
-    """The Trainer attributes EigenbasisRefresh reads, for a loop without Lightning."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizers = [optimizer]
-        self.global_step = 0
-        self.loggers = [_MetricLog()]
-        self.strategy = None
 
 
 class _RefreshCounter:
@@ -145,7 +124,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     seeds = list(range(args.seed, args.seed + args.seeds))
 
     runs: list[Run] = []
-    callbacks: dict[str, tuple[EigenbasisRefresh, _LoopTrainer]] = {}
+    schedules: dict[str, tuple[RefreshSchedule, list[dict[str, float]]]] = {}
     for variant in variants:
         ui = int(variant[3:]) if variant.startswith("ui=") else 1
         factory = partial(build_optimizer, "cosmos", lr=args.lr, rank=args.rank, update_interval=ui)
@@ -153,16 +132,15 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             r = Run.create(f"{variant}/seed={seed}", "cosmos", args.lr, seed, setup, data.vocab_size, factory)
             r.extra["variant"] = variant
             if variant == "adaptive":
-                cb, trainer = EigenbasisRefresh("adaptive"), _LoopTrainer(r.optimizer)
-                cb.on_fit_start(trainer, None)  # type: ignore[arg-type]
-                cb.on_train_start(trainer, None)  # type: ignore[arg-type]
-                callbacks[r.key] = (cb, trainer)
+                logs: list[dict[str, float]] = []  # what the schedule logs (count, gap, drift) per step
+                sched = RefreshSchedule("adaptive", log_fn=lambda m, t, logs=logs: logs.append({"step": t, **m}))
+                schedules[r.key] = (sched.attach(r.optimizer), logs)
             runs.append(r)
     counter = _RefreshCounter()
     wall = {"train_s": train_lockstep(runs, setup, data, "refresh variants", not args.no_progress,
                                       before_step=counter.snapshot, after_step=counter.compare)}
-    for cb, trainer in callbacks.values():
-        cb.on_fit_end(trainer, None)  # type: ignore[arg-type]
+    for sched, _ in schedules.values():
+        sched.detach()
 
     notes: list[str] = []
     rows = []
@@ -170,7 +148,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     for variant in variants:
         vr = [r for r in runs if r.extra["variant"] == variant]
         counts = [len(r.extra.get("refresh_steps", [])) for r in vr]
-        expected = [expected_refreshes(variant, r.step) if variant != "adaptive" else callbacks[r.key][0].refreshes for r in vr]
+        expected = [expected_refreshes(variant, r.step) if variant != "adaptive" else schedules[r.key][0].refreshes for r in vr]
         if counts != expected and not any(r.diverged for r in vr):
             notes.append(f"{variant}: measured refreshes {counts} differ from the schedule's {expected}.")
         fin, best = [r.final_val for r in vr], [r.best_val for r in vr]
@@ -200,7 +178,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                      if t - 1 >= 2 and t + 1 <= len(r.opt_s) and t - 1 not in ts and t + 1 not in ts]
             row["refresh_vs_plain_step"] = statistics.median(local) if local else float("nan")
         if variant == "adaptive":
-            row["adaptive_logs"] = [callbacks[r.key][1].loggers[0].rows for r in vr]
+            row["adaptive_logs"] = [schedules[r.key][1] for r in vr]
         rows.append(row)
         for r in vr:
             if r.diverged:
@@ -210,7 +188,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "benchmark": NAME,
         "machine": machine,
         "settings": {**settings_dict(args, setup, data), "variants": variants, "seeds_used": seeds,
-                     "adaptive": {k: getattr(EigenbasisRefresh("adaptive"), k) for k in ADAPTIVE_KEYS}},
+                     "adaptive": {k: getattr(RefreshSchedule("adaptive"), k) for k in ADAPTIVE_KEYS}},
         "notes": notes,
         "wall_clock": wall,
         "rows": rows,

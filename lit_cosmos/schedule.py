@@ -83,7 +83,9 @@ class RefreshSchedule:
     The counters and the current gap are in :meth:`state_dict`: saved next to the optimizer's
     and loaded back, a resumed run refreshes on exactly the steps an uninterrupted run would. To
     resume without them, :meth:`reset` the schedule to the restored step. A step that COSMOS skips
-    (``on_nonfinite="skip"``) does not count.
+    (``on_nonfinite="skip"``) does not count, nor does the step on all-zero gradients at lr 0
+    with which ``torch.distributed.checkpoint`` builds an empty optimizer's state before loading
+    into it (FSDP2 resumes).
 
     Args:
         schedule: ``"constant"``, ``"dense_then_sparse"`` or ``"adaptive"``.
@@ -354,6 +356,9 @@ class RefreshSchedule:
     def _pre_step(self, optimizer: COSMOS, args: Any, kwargs: Any) -> None:
         # A loaded optimizer state_dict brings back saved param groups: keep refreshes manual.
         self._set_manual(optimizer)
+        if _is_state_materialisation(optimizer):
+            self._pending = None  # not a training step: neither counted nor a refresh
+            return
         t = self._step + 1
         pending: dict[str, Any] = {"t": t, "refresh": False}
         # Step 1 builds every basis from scratch. The decision depends on the counters only, so
@@ -431,6 +436,16 @@ class RefreshSchedule:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return float(sums[0]), int(sums[1]), float(peak[0])
+
+
+def _is_state_materialisation(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this step only builds an empty optimizer state: ``torch.distributed.checkpoint``
+    does that before loading a checkpoint into an optimizer (FSDP2 resumes), with one ``step()``
+    on all-zero gradients at learning rate 0. A training step never looks like that."""
+    if optimizer.state or any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
+        return False
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(grads) and not any(bool(local_tensor(grad).any()) for grad in grads)
 
 
 def _step_marker(optimizer: torch.optim.Optimizer) -> float:

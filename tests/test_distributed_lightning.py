@@ -1,7 +1,8 @@
 """The zoo's DDP and FSDP2 configs through ``lit-cosmos fit`` with 2 CPU processes (gloo).
 
 Each case trains the debug model 6 steps without stopping, and 3 steps then 3 more resumed from
-the checkpoint; the resumed run must end with exactly the same parameters and optimizer state.
+the checkpoint, with the eigenbasis refreshed by the ``EigenbasisRefresh`` callback on steps 2, 4
+and 6; the resumed run must end with exactly the same parameters and optimizer state.
 """
 
 import os
@@ -35,6 +36,8 @@ def _fit(workdir: Path, name: str, extra: list[str], max_steps: int, ckpt: Path 
         # a constant rate: the warmup-cosine schedule's length is max_steps, which the stopped run changes
         "--model.init_args.lr_scheduler", "torch.optim.lr_scheduler.ConstantLR",
         "--model.init_args.lr_scheduler.factor", "1.0",
+        # refreshes on steps 2, 4, 6 only: a resume that miscounted steps would refresh elsewhere
+        "--trainer.callbacks+=lit_cosmos.callbacks.EigenbasisRefresh", "--trainer.callbacks.interval", "2",
     ]
     if ckpt is not None:
         args += ["--ckpt_path", str(ckpt)]
@@ -85,3 +88,6 @@ def test_strategy_resume_equals_uninterrupted(tmp_path, strategy):
     assert any(k.endswith("/U") for k in opt_a) and any(k.endswith("/exp_avg") for k in opt_a)
     for k in opt_a:
         assert torch.equal(opt_a[k], opt_b[k]), k
+    refresh_a = [v for k, v in a["callbacks"].items() if "EigenbasisRefresh" in k]
+    refresh_b = [v for k, v in b["callbacks"].items() if "EigenbasisRefresh" in k]
+    assert refresh_a == refresh_b and refresh_a[0]["step"] == 6 and refresh_a[0]["refreshes"] == 3

@@ -370,3 +370,27 @@ def test_schedule_imports_without_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_the_state_materialisation_step_of_distributed_checkpoints_is_not_counted():
+    # Before loading into an empty optimizer, torch.distributed.checkpoint (FSDP2 resumes) takes
+    # one step on zero gradients at lr 0 to build the state. Counting it would shift every later
+    # refresh by one step against the uninterrupted run.
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    saved = {"schedule": "constant", "step": 5, "next_refresh": 6, "gap": 2, "refreshes": 2}
+    run = Run()
+    rs = RefreshSchedule("constant", interval=2)
+    rs.load_state_dict(dict(saved))
+    rs.attach(run.opt)
+    _init_optim_state(run.opt)
+    assert run.opt.state  # it stepped
+    assert rs.state_dict() == saved and run.requests == []
+
+    # A real step at lr 0 (e.g. the first step of a warmup from 0) is counted.
+    fresh = Run()
+    rs = RefreshSchedule("constant", interval=2).attach(fresh.opt)
+    for g in fresh.opt.param_groups:
+        g["lr"] = 0.0
+    fresh.step(2)
+    assert rs.state_dict()["step"] == 2 and fresh.request_steps == [2]

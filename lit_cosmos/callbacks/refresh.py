@@ -59,7 +59,8 @@ class EigenbasisRefresh(RefreshSchedule, Callback):
     The counters and the current gap are saved in checkpoints (:meth:`state_dict`), so a resumed
     run refreshes on exactly the steps an uninterrupted run would. A resume from a checkpoint
     without this callback's state starts the schedule afresh from the restored
-    ``trainer.global_step``. A step that COSMOS skips (``on_nonfinite="skip"``) does not count.
+    ``trainer.global_step``. A step that COSMOS skips (``on_nonfinite="skip"``) does not count,
+    nor does the zero-gradient, lr-0 step of an FSDP2 (distributed checkpoint) resume.
 
     Args:
         schedule: ``"constant"``, ``"dense_then_sparse"`` or ``"adaptive"``.

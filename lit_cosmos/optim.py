@@ -219,6 +219,7 @@ class COSMOS(Optimizer):
             self._comm.drop_unowned(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_loaded_state(state_dict)  # before anything changes: a bad file corrupts nothing
         super().load_state_dict(state_dict)
         # torch casts loaded state to the parameter's dtype; COSMOS keeps float32 state for
         # bf16/fp16 parameters, so undo that.
@@ -228,6 +229,43 @@ class COSMOS(Optimizer):
                 if key != "step" and isinstance(value, Tensor) and value.dtype != cdt:
                     st[key] = value.to(cdt)
         self._comm.drop_unowned(self)
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` when a saved per-parameter state does not fit its parameter (a
+        checkpoint of another model): torch would load it and fail obscurely on the next step.
+        Mismatched group or parameter counts are left to torch's own error."""
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
+        saved_state = state_dict.get("state", {})
+        if len(groups) != len(saved_groups) or any(len(g["params"]) != len(sg["params"])
+                                                   for g, sg in zip(groups, saved_groups)):
+            return
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            algorithm = saved.get("algorithm", group["algorithm"])
+            for p, pid in zip(group["params"], saved["params"]):
+                st = saved_state.get(pid)
+                if not st:
+                    continue
+                shape = tuple(p.shape)
+                if algorithm == "cosmos":
+                    m, n = _matrix_shape(p)
+                    U = st.get("U")
+                    r = U.shape[-1] if isinstance(U, Tensor) and U.ndim == 2 else -1
+                    want = {"M": shape, "U": (n, r), "S": (r, r), "V": (m, r)}
+                    if not 0 <= r <= min(m, n):
+                        want["U"] = f"(n, r) = ({n}, r) with r <= min(m, n) = {min(m, n)}"
+                else:
+                    want = {"exp_avg": shape, "exp_avg_sq": shape}
+                for key, expected in want.items():
+                    value = st.get(key)
+                    got = tuple(value.shape) if isinstance(value, Tensor) else None
+                    if got != expected:
+                        found = f"shape {got}" if got is not None else "no such tensor"
+                        raise ValueError(
+                            f"cannot load the optimizer state: parameter {pid} of param group {index} "
+                            f"({algorithm}, parameter shape {shape}) has saved {key!r} of {found}, expected "
+                            f"{expected}; the state was saved for a different model or routing. Nothing "
+                            "was loaded."
+                        )
 
     def request_refresh(self, power_iters: Optional[int] = None) -> None:
         """Refresh the basis of every COSMOS matrix on the next step, with ``power_iters`` power

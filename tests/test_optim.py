@@ -1,5 +1,6 @@
 """COSMOS against references: AdamW, Muon, closed-form invariants, frozen values, round trips."""
 
+import copy
 import io
 import math
 
@@ -468,3 +469,42 @@ def test_memory_report_counts_muon_and_plain_groups_as_matrices():
     want = {k: 4 * v for k, v in want.items()}
     assert memory_report([{"params": [w, b]}], rank=2) == want
     assert memory_report([{"params": [w], "algorithm": "muon"}, {"params": [b], "algorithm": "adamw"}], rank=2) == want
+
+
+def _stepped(shapes, rank=2, **kw):
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = COSMOS(params, rank=rank, **kw)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize(
+    "saved_shapes, saved_rank, shapes, rank, match",
+    [
+        ([(6, 4)], 2, [(5, 4)], 2, r"parameter 0 of param group 0 \(cosmos, parameter shape \(5, 4\)\) has saved 'M' of shape \(6, 4\), expected \(5, 4\)"),
+        ([(6, 4), (3,)], 2, [(6, 4), (4,)], 2, r"parameter 1 of param group 1 \(adamw, parameter shape \(4,\)\) has saved 'exp_avg' of shape \(3,\)"),
+        ([(6, 5)], 3, [(6, 4)], 3, r"saved 'M' of shape \(6, 5\)"),
+    ],
+)
+def test_loading_a_state_of_another_model_raises_and_loads_nothing(saved_shapes, saved_rank, shapes, rank, match):
+    _, saved = _stepped(saved_shapes, rank=saved_rank)
+    params, opt = _stepped(shapes, rank=rank)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(saved.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, st in before["state"].items():
+        assert all(torch.equal(v, after["state"][k][key]) for key, v in st.items())
+
+
+def test_loading_a_basis_wider_than_the_matrix_raises():
+    _, opt = _stepped([(6, 4)], rank=2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["U"] = torch.zeros(4, 5)  # r = 5 > min(m, n) = 4
+    sd["state"][0]["S"] = torch.zeros(5, 5)
+    sd["state"][0]["V"] = torch.zeros(6, 5)
+    with pytest.raises(ValueError, match=r"saved 'U' of shape \(4, 5\), expected \(n, r\) = \(4, r\) with r <= min\(m, n\) = 4"):
+        opt.load_state_dict(sd)

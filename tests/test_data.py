@@ -1,5 +1,6 @@
 """TextDataModule and ByteTokenizer: content, split, cache, rank sharding and error messages."""
 
+import hashlib
 import multiprocessing
 import os
 import random
@@ -8,9 +9,11 @@ import string
 import litdata
 import pytest
 import torch
+from litdata import StreamingDataset
+from litdata.streaming.item_loader import TokensLoader
 from litdata.utilities.env import _DistributedEnv
 
-from zoo.data import ByteTokenizer, TextDataModule, prepare_corpus, read_corpus, stdlib_corpus
+from zoo.data import ByteTokenizer, TextDataModule, corpus_hash, prepare_corpus, read_corpus, stdlib_corpus
 
 BLOCK = 15  # samples hold BLOCK + 1 = 16 tokens
 
@@ -48,8 +51,25 @@ def prepared(corpus, tmp_path_factory):
     return dm
 
 
+@pytest.fixture(scope="module")
+def prepared_test(corpus, tmp_path_factory):
+    """The same corpus cut as [train | val | test] (10% val, 15% test)."""
+    dm = TextDataModule(paths=[str(corpus)], block_size=BLOCK, batch_size=4, val_fraction=0.1, test_fraction=0.15,
+                        cache_dir=str(tmp_path_factory.mktemp("cache_test")))
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 def samples(loader):
     return [tuple(row.tolist()) for batch in loader for row in batch]
+
+
+def split_tokens(folder, n):
+    """All ``n`` tokens of a prepared split, in stored order: one sample as long as the split."""
+    dataset = StreamingDataset(str(folder), item_loader=TokensLoader(block_size=n), shuffle=False)
+    assert len(dataset) == 1
+    return torch.as_tensor(dataset[0]).long()
 
 
 @pytest.mark.parametrize("text", ["", "hello world", "héllo wörld ✓ 日本語 🚀\n\ttab", "\x00\x7f" + "ß" * 3])
@@ -95,6 +115,47 @@ def test_splits_add_up_and_hold_the_stream_in_order(prepared, corpus):
     assert train != [tuple(b.tolist()) for b in blocks]
 
 
+def test_default_split_keeps_the_old_cache_name(prepared, corpus):
+    # The hash formula from before test_fraction existed, spelled out: caches prepared then stay valid.
+    old = hashlib.sha256(b"v1|byte|257|0.1")
+    for _, text in read_corpus([str(corpus)], (".txt", ".md", ".rst")):
+        data = text.encode("utf-8")
+        old.update(len(data).to_bytes(8, "little") + data)
+    assert prepared.data_dir.name == f"byte-{old.hexdigest()[:16]}"
+    # Frozen with the code of commit b96ca6b (before test_fraction): corpus_hash(docs, ByteTokenizer(), 0.05).
+    docs, tok = [("doc", "hello world"), ("doc2", "héllo ✓")], ByteTokenizer()
+    assert corpus_hash(docs, tok, 0.05) == corpus_hash(docs, tok, 0.05, 0.0) == "1e0cf86dcada938b"
+    assert corpus_hash(docs, tok, 0.05, 0.05) != "1e0cf86dcada938b"
+    # No test split: two splits on disk, and test/predict serve the validation split.
+    assert set(prepared.num_tokens) == {"train", "val"} and not (prepared.data_dir / "test").exists()
+    assert "test_fraction" not in (prepared.data_dir / "meta.json").read_text()
+    assert prepared.test_dataset is None
+    val = samples(prepared.val_dataloader())
+    assert samples(prepared.test_dataloader()) == samples(prepared.predict_dataloader()) == val
+
+
+def test_test_split_is_the_tail_after_val(prepared_test, prepared, corpus):
+    stream = expected_stream(corpus)
+    n = prepared_test.num_tokens
+    assert list(n) == ["train", "val", "test"] and sum(n.values()) == len(stream)
+    assert n["test"] == round(0.15 * len(stream)) and n["val"] == round(0.1 * len(stream))
+    assert prepared_test.data_dir != prepared.data_dir  # its own cache folder
+    # Read back whole, the three splits are the stream cut in order: disjoint, contiguous, complete.
+    parts = [split_tokens(prepared_test.data_dir / split, n[split]) for split in ("train", "val", "test")]
+    torch.testing.assert_close(torch.cat(parts), stream)
+    # The loaders serve consecutive unshuffled blocks of val and of test, shuffled blocks of train.
+    start = {"train": 0, "val": n["train"], "test": n["train"] + n["val"]}
+    for split, loader in (("val", prepared_test.val_dataloader()), ("test", prepared_test.test_dataloader()),
+                          ("predict", prepared_test.predict_dataloader())):
+        got = torch.tensor(samples(loader))
+        split = "test" if split == "predict" else split
+        assert got.shape == (n[split] // (BLOCK + 1), BLOCK + 1)
+        torch.testing.assert_close(got.flatten(), stream[start[split] : start[split] + got.numel()])
+    assert not set(samples(prepared_test.test_dataloader())) & set(samples(prepared_test.val_dataloader()))
+    blocks = stream[: n["train"] // (BLOCK + 1) * (BLOCK + 1)].view(-1, BLOCK + 1)
+    assert sorted(samples(prepared_test.train_dataloader())) == sorted(tuple(b.tolist()) for b in blocks)
+
+
 def test_batches_are_int64_blocks(prepared):
     batch = next(iter(prepared.train_dataloader()))
     assert batch.shape == (4, BLOCK + 1) and batch.dtype == torch.int64
@@ -132,6 +193,8 @@ def test_second_prepare_reuses_the_cache(prepared, corpus, tmp_path, monkeypatch
         TextDataModule(paths=[str(changed)], cache_dir=str(cache)).prepare_data()
     with pytest.raises(AssertionError, match="optimize"):
         TextDataModule(paths=[str(corpus)], val_fraction=0.2, cache_dir=str(cache)).prepare_data()
+    with pytest.raises(AssertionError, match="optimize"):
+        TextDataModule(paths=[str(corpus)], val_fraction=0.1, test_fraction=0.1, cache_dir=str(cache)).prepare_data()
 
 
 def test_two_ranks_read_disjoint_samples(prepared, monkeypatch):
@@ -176,9 +239,24 @@ def test_optimized_dataset_dir(prepared):
     dm.setup("fit")
     assert sorted(samples(dm.train_dataloader())) == sorted(samples(prepared.train_dataloader()))
     assert samples(dm.val_dataloader()) == samples(prepared.val_dataloader())
+    assert samples(dm.test_dataloader()) == samples(prepared.val_dataloader())  # no test_dir: val
     no_val = TextDataModule(train_dir=str(prepared.data_dir / "train"), vocab_size=257, block_size=BLOCK)
     no_val.setup("fit")
-    assert no_val.val_dataloader() == []
+    assert no_val.val_dataloader() == [] and no_val.test_dataloader() == []
+
+
+def test_optimized_test_dir(prepared_test):
+    folder = prepared_test.data_dir
+    dm = TextDataModule(train_dir=str(folder / "train"), val_dir=str(folder / "val"), test_dir=str(folder / "test"),
+                        vocab_size=257, block_size=BLOCK, batch_size=4)
+    dm.setup("test")
+    test = samples(dm.test_dataloader())
+    assert test == samples(prepared_test.test_dataloader()) == samples(dm.predict_dataloader())
+    assert samples(dm.val_dataloader()) == samples(prepared_test.val_dataloader()) != test
+    too_long = TextDataModule(train_dir=str(folder / "train"), test_dir=str(folder / "test"), vocab_size=257,
+                              block_size=prepared_test.num_tokens["test"])
+    with pytest.raises(ValueError, match=r"block_size=\d+ is longer than the data: test_dir '.*test'"):
+        too_long.setup("test")
 
 
 @pytest.mark.parametrize(
@@ -193,6 +271,13 @@ def test_optimized_dataset_dir(prepared):
         (dict(train_dir="s3://b/t"), ValueError, "train_dir='s3://b/t' needs vocab_size"),
         (dict(paths=["x.txt"], train_dir="s3://b/t", vocab_size=8), ValueError, "give either paths"),
         (dict(val_dir="s3://b/v"), ValueError, "val_dir='s3://b/v' needs train_dir"),
+        (dict(test_dir="s3://b/t"), ValueError, "test_dir='s3://b/t' needs train_dir"),
+        (dict(test_fraction=1.0), ValueError, r"test_fraction=1.0 must be in \[0, 1\)"),
+        (dict(test_fraction=-0.1), ValueError, r"test_fraction=-0.1 must be in \[0, 1\)"),
+        (dict(val_fraction=0.5, test_fraction=0.5), ValueError,
+         r"val_fraction=0.5 \+ test_fraction=0.5 must be < 1"),
+        (dict(train_dir="s3://b/t", vocab_size=8, test_fraction=0.1), ValueError,
+         "test_fraction=0.1 splits text given in paths; with train_dir='s3://b/t' give test_dir"),
         (dict(vocab_size=32000), ValueError, "vocab_size=32000 does not match the tokenizer's 257"),
     ],
 )
@@ -216,6 +301,12 @@ def test_block_size_longer_than_the_data_raises(corpus, tmp_path):
         dm.setup("fit")
     dm = TextDataModule(paths=[str(corpus / "a.txt")], block_size=400, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"block_size=400 is longer than the data: .* the val split has \d+"):
+        dm.setup("fit")
+    # Train and val are long enough, the test split (1% of ~4K tokens) is not.
+    dm = TextDataModule(paths=[str(corpus / "a.txt")], block_size=100, val_fraction=0.4, test_fraction=0.01,
+                        cache_dir=str(tmp_path))
+    dm.prepare_data()
+    with pytest.raises(ValueError, match=r"block_size=100 is longer than the data: .* the test split has \d+"):
         dm.setup("fit")
 
 

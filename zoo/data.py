@@ -4,11 +4,12 @@ Two ways in:
 
 1. Text (default): local files/folders, or, with nothing given, the English documentation that
    ships with every Python install (``pydoc_data.topics``, ~465 KB). ``prepare_data`` tokenizes it
-   (byte-level by default), splits a fixed tail fraction off as validation and writes both splits
-   with ``litdata.optimize(..., item_loader=TokensLoader())`` into
-   ``<cache_dir>/<tokenizer>-<content hash>/{train,val}``. Identical content reuses that folder.
-2. Already optimized litdata token datasets (``train_dir``/``val_dir``, local or ``s3://...``),
-   e.g. real pretraining data; nothing is prepared then and ``vocab_size`` must be given.
+   (byte-level by default), splits a fixed tail fraction off as validation (and, with
+   ``test_fraction > 0``, a last tail fraction as test) and writes the splits with
+   ``litdata.optimize(..., item_loader=TokensLoader())`` into
+   ``<cache_dir>/<tokenizer>-<content hash>/{train,val[,test]}``. Identical content reuses that folder.
+2. Already optimized litdata token datasets (``train_dir``/``val_dir``/``test_dir``, local or
+   ``s3://...``), e.g. real pretraining data; nothing is prepared then and ``vocab_size`` must be given.
 
 A batch is a LongTensor of shape ``(batch_size, block_size + 1)``: inputs ``batch[:, :-1]``,
 targets ``batch[:, 1:]``. Datasets are built in ``setup`` (after the process group exists), so
@@ -118,9 +119,18 @@ def read_corpus(paths: Sequence[str], suffixes: Sequence[str]) -> list[tuple[str
     return docs
 
 
-def corpus_hash(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer, val_fraction: float) -> str:
-    """Hash of everything the prepared tokens depend on: content, order, tokenizer, split."""
-    h = hashlib.sha256(f"v{_FORMAT_VERSION}|{tokenizer.name}|{tokenizer.vocab_size}|{val_fraction!r}".encode())
+def corpus_hash(
+    docs: Sequence[tuple[str, str]], tokenizer: Tokenizer, val_fraction: float, test_fraction: float = 0.0
+) -> str:
+    """Hash of everything the prepared tokens depend on: content, order, tokenizer, split.
+
+    ``test_fraction`` enters the hash only when it is > 0, so that data prepared without a test
+    split keeps the folder name it had before the option existed.
+    """
+    key = f"v{_FORMAT_VERSION}|{tokenizer.name}|{tokenizer.vocab_size}|{val_fraction!r}"
+    if test_fraction > 0:
+        key += f"|test={test_fraction!r}"
+    h = hashlib.sha256(key.encode())
     for _, text in docs:
         data = text.encode("utf-8")
         h.update(len(data).to_bytes(8, "little") + data)
@@ -166,16 +176,22 @@ def _litdata_environment(cache_dir: Path) -> Iterator[str]:
 
 
 def prepare_corpus(
-    docs: Sequence[tuple[str, str]], tokenizer: Tokenizer, val_fraction: float, cache_dir: str | Path
+    docs: Sequence[tuple[str, str]],
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    cache_dir: str | Path,
+    test_fraction: float = 0.0,
 ) -> tuple[Path, bool]:
-    """Tokenize ``docs`` and write train/val token datasets; returns (folder, reused_cache).
+    """Tokenize ``docs`` and write train/val(/test) token datasets; returns (folder, reused_cache).
 
-    Each document is followed by ``eot_id``; the concatenated stream's last ``val_fraction`` of
-    tokens is the validation split. Written to a temporary folder and renamed at the end, so an
-    interrupted run never leaves a folder that looks complete.
+    Each document is followed by ``eot_id``; the concatenated stream is cut as
+    ``[train | val | test]``: the last ``test_fraction`` of tokens is the test split (none when
+    ``test_fraction == 0``), the ``val_fraction`` before it the validation split, the rest is
+    training. Written to a temporary folder and renamed at the end, so an interrupted run never
+    leaves a folder that looks complete.
     """
     cache_dir = Path(cache_dir).expanduser().absolute()
-    out = cache_dir / f"{tokenizer.name}-{corpus_hash(docs, tokenizer, val_fraction)}"
+    out = cache_dir / f"{tokenizer.name}-{corpus_hash(docs, tokenizer, val_fraction, test_fraction)}"
     if (out / _META_FILE).is_file():
         rank_zero_info(f"Reusing prepared data in {out}")
         return out, True
@@ -183,11 +199,26 @@ def prepare_corpus(
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     stream = np.concatenate([t for _, text in docs for t in (np.asarray(tokenizer.encode(text), dtype=dtype), eot)])
-    n_val = min(max(1, round(len(stream) * val_fraction)), len(stream) - 1)
-    splits = {"train": stream[:-n_val], "val": stream[-n_val:]}
+    if test_fraction > 0:
+        if len(stream) < 3:
+            raise ValueError(
+                f"the corpus has {len(stream)} tokens: too few for a train, a val and a test split "
+                f"(test_fraction={test_fraction!r})"
+            )
+        n_test = min(max(1, round(len(stream) * test_fraction)), len(stream) - 2)
+        n_val = min(max(1, round(len(stream) * val_fraction)), len(stream) - n_test - 1)
+        n_train = len(stream) - n_val - n_test
+        splits = {
+            "train": stream[:n_train],
+            "val": stream[n_train : n_train + n_val],
+            "test": stream[n_train + n_val :],
+        }
+    else:
+        n_val = min(max(1, round(len(stream) * val_fraction)), len(stream) - 1)
+        splits = {"train": stream[:-n_val], "val": stream[-n_val:]}
     rank_zero_info(
         f"Preparing {len(docs)} documents, {len(stream):,} tokens ({tokenizer.name} tokenizer) into {out}: "
-        f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens"
+        + " / ".join(f"{len(ids):,} {split}" for split, ids in splits.items()) + " tokens"
     )
 
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -212,6 +243,7 @@ def prepare_corpus(
         "vocab_size": tokenizer.vocab_size,
         "dtype": np.dtype(dtype).name,
         "val_fraction": val_fraction,
+        **({"test_fraction": test_fraction} if test_fraction > 0 else {}),
         "num_documents": len(docs),
         "num_tokens": {split: int(len(ids)) for split, ids in splits.items()},
     }
@@ -232,6 +264,11 @@ class TextDataModule(L.LightningDataModule):
         block_size: tokens per model input; each sample holds ``block_size + 1`` tokens.
         batch_size: samples per batch and per process.
         val_fraction: tail fraction of the token stream held out for validation, in (0, 1).
+        test_fraction: last tail fraction of the token stream held out for testing, in [0, 1),
+            with ``val_fraction + test_fraction < 1``; the stream is then cut as
+            ``[train | val | test]`` and ``test_dataloader``/``predict_dataloader`` serve the test
+            split. 0 (default): no test split, and those loaders serve the validation split.
+            Text only: with ``train_dir`` give ``test_dir`` instead.
         num_workers: DataLoader worker processes. 0 by default: reading is ~8M tokens/s in the
             main process, and workers would restart every epoch of a small corpus.
         seed: shuffling seed of the training split (validation is not shuffled).
@@ -239,6 +276,8 @@ class TextDataModule(L.LightningDataModule):
         train_dir: an optimized litdata token dataset (local folder or URL such as ``s3://...``),
             used as is instead of ``paths``; requires ``vocab_size``.
         val_dir: its validation counterpart (optional; without it there is no validation).
+        test_dir: its test counterpart (optional), streamed by ``test_dataloader`` and
+            ``predict_dataloader``; without it those serve ``val_dir``.
         vocab_size: size of the vocabulary of ``train_dir``; with text it must match the tokenizer.
         tokenizer: anything with ``name``, ``vocab_size``, ``eot_id``, ``encode``, ``decode``;
             default ``ByteTokenizer()`` (vocab 257).
@@ -264,6 +303,8 @@ class TextDataModule(L.LightningDataModule):
         vocab_size: int | None = None,
         tokenizer: Tokenizer | None = None,
         suffixes: tuple[str, ...] = (".txt", ".md", ".rst"),
+        test_fraction: float = 0.0,
+        test_dir: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(paths, (str, Path)):
@@ -275,15 +316,28 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1)")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction={test_fraction!r} must be in [0, 1)")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction={val_fraction!r} + test_fraction={test_fraction!r} must be < 1 "
+                "(the rest of the stream is the training split)"
+            )
         tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         if train_dir is not None:
             if paths:
                 raise ValueError(f"give either paths={paths} (text to prepare) or train_dir={train_dir!r}, not both")
             if vocab_size is None:
                 raise ValueError(f"train_dir={train_dir!r} needs vocab_size (the vocabulary its tokens were made with)")
+            if test_fraction > 0:
+                raise ValueError(
+                    f"test_fraction={test_fraction!r} splits text given in paths; with train_dir={train_dir!r} "
+                    "give test_dir (an optimized test dataset) instead"
+                )
         else:
-            if val_dir is not None:
-                raise ValueError(f"val_dir={val_dir!r} needs train_dir as well")
+            for name, value in (("val_dir", val_dir), ("test_dir", test_dir)):
+                if value is not None:
+                    raise ValueError(f"{name}={value!r} needs train_dir as well")
             if vocab_size is not None and vocab_size != tokenizer.vocab_size:
                 raise ValueError(f"vocab_size={vocab_size} does not match the tokenizer's {tokenizer.vocab_size}")
             for path in paths or []:
@@ -293,11 +347,13 @@ class TextDataModule(L.LightningDataModule):
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser().absolute()
         self.train_dir = train_dir
         self.val_dir = val_dir
+        self.test_dir = test_dir
         self.tokenizer = tokenizer
         self.suffixes = tuple(suffixes)
         self._vocab_size = vocab_size if vocab_size is not None else tokenizer.vocab_size
@@ -305,6 +361,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_tokens: dict[str, int] = {}  # tokens per split (text mode), known after setup
         self.train_dataset: StreamingDataset | None = None
         self.val_dataset: StreamingDataset | None = None
+        self.test_dataset: StreamingDataset | None = None  # None: test/predict use val_dataset
 
     @property
     def vocab_size(self) -> int:
@@ -316,7 +373,7 @@ class TextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node only; setup() then finds the folder by hash.
         if self.train_dir is None:
-            prepare_corpus(self._docs(), self.tokenizer, self.val_fraction, self.cache_dir)
+            prepare_corpus(self._docs(), self.tokenizer, self.val_fraction, self.cache_dir, self.test_fraction)
 
     def setup(self, stage: str | None = None) -> None:
         # Built here, after the process group exists, so litdata shards the samples by rank.
@@ -325,10 +382,12 @@ class TextDataModule(L.LightningDataModule):
         else:
             self.train_dataset = self._dataset(self.train_dir, shuffle=True, what="train_dir")
             self.val_dataset = self._dataset(self.val_dir, shuffle=False, what="val_dir") if self.val_dir else None
+            self.test_dataset = self._dataset(self.test_dir, shuffle=False, what="test_dir") if self.test_dir else None
 
     def _setup_prepared(self) -> None:
         docs = self._docs()
-        self.data_dir = self.cache_dir / f"{self.tokenizer.name}-{corpus_hash(docs, self.tokenizer, self.val_fraction)}"
+        digest = corpus_hash(docs, self.tokenizer, self.val_fraction, self.test_fraction)
+        self.data_dir = self.cache_dir / f"{self.tokenizer.name}-{digest}"
         meta_file = self.data_dir / _META_FILE
         if not meta_file.is_file():
             raise RuntimeError(f"no prepared data in {self.data_dir}: call prepare_data() before setup()")
@@ -341,6 +400,9 @@ class TextDataModule(L.LightningDataModule):
                 )
         self.train_dataset = self._dataset(str(self.data_dir / "train"), shuffle=True, what="train")
         self.val_dataset = self._dataset(str(self.data_dir / "val"), shuffle=False, what="val")
+        self.test_dataset = None
+        if "test" in self.num_tokens:
+            self.test_dataset = self._dataset(str(self.data_dir / "test"), shuffle=False, what="test")
 
     def _dataset(self, input_dir: str, shuffle: bool, what: str) -> StreamingDataset:
         remote = "://" in input_dir
@@ -371,9 +433,12 @@ class TextDataModule(L.LightningDataModule):
         return StreamingDataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> StreamingDataLoader | list:
-        """The held-out split (``lit-cosmos test`` reports the validation loss of a checkpoint)."""
-        return self.val_dataloader()
+        """The test split (``test_fraction > 0`` or ``test_dir``), else the validation split (then
+        ``lit-cosmos test`` reports the validation loss of a checkpoint). Not shuffled."""
+        if self.test_dataset is None:
+            return self.val_dataloader()
+        return StreamingDataLoader(self.test_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def predict_dataloader(self) -> StreamingDataLoader | list:
-        """The held-out split, for ``lit-cosmos predict`` (next-token predictions)."""
-        return self.val_dataloader()
+        """The split ``test_dataloader`` serves, for ``lit-cosmos predict`` (next-token predictions)."""
+        return self.test_dataloader()

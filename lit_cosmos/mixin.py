@@ -180,6 +180,13 @@ class CosmosConfig:
             raise bad("rank", "must be an int >= 0")
         if self.conv not in ("adamw", "cosmos"):
             raise bad("conv", "must be 'adamw' or 'cosmos'")
+        for name in ("betas", "adamw_betas"):
+            pair = getattr(self, name)
+            if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+                    or not all(_is_number(b) and 0.0 <= b < 1.0 for b in pair)):
+                raise bad(name, "must be a pair of numbers in [0, 1)")
+        if isinstance(self.head_names, (str, bytes)) or not all(isinstance(n, str) for n in self.head_names):
+            raise bad("head_names", "must be a sequence of attribute names such as ('lm_head',), not one string")
         named = {f.name for f in dataclasses.fields(self)} & set(_COSMOS_ARGS)
         for key in self.optimizer_kwargs:
             if key in named:

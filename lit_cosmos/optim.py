@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional
 
@@ -151,7 +152,8 @@ class COSMOS(Optimizer):
             update_interval=update_interval,
             power_iters=power_iters,
         )
-        _validate(dict(defaults, betas=self._adamw_betas, algorithm="adamw"), where="adamw_betas")
+        _validate(dict(defaults, algorithm="cosmos"), where="the arguments")
+        _validate(dict(defaults, betas=self._adamw_betas, algorithm="adamw"), where="the arguments (adamw_betas)")
         if batch not in (None, True, False):
             raise ValueError(f"batch must be None, True or False, got {batch!r}")
         self.on_nonfinite = on_nonfinite
@@ -220,6 +222,15 @@ class COSMOS(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_state(state_dict)  # before anything changes: a bad file corrupts nothing
+        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict.get("param_groups", []))):
+            if group["algorithm"] == "cosmos" and saved.get("rank", group["rank"]) != group["rank"]:
+                warnings.warn(
+                    f"COSMOS.load_state_dict: param group {index} has rank={group['rank']}, the loaded state "
+                    f"rank={saved['rank']}; the loaded rank and bases are kept (a matrix's rank is fixed at its "
+                    "first step)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         super().load_state_dict(state_dict)
         # torch casts loaded state to the parameter's dtype; COSMOS keeps float32 state for
         # bf16/fp16 parameters, so undo that.

@@ -41,6 +41,13 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
 
 
+def _check_head_names(head_names: Any) -> None:
+    # A bare string is a sequence of one-letter names: "lm_head" would mark every module whose
+    # name is "l", "m", "_", "h"... as a head.
+    if isinstance(head_names, (str, bytes)) or not all(isinstance(n, str) for n in head_names):
+        raise ValueError(f"head_names must be a sequence of attribute names such as ('lm_head',), got {head_names!r}")
+
+
 def cosmos_param_groups(
     module: nn.Module,
     overrides: Optional[Mapping[str, str]] = None,
@@ -65,7 +72,7 @@ def cosmos_param_groups(
 
     Raises:
         ValueError: an unknown route, a pattern matching nothing, a COSMOS route for a 0-D/1-D
-            parameter, or a parameter routed twice / not at all.
+            parameter, a parameter routed twice / not at all, or ``head_names`` given as one string.
     """
     overrides = dict(overrides or {})
     for pattern, route in overrides.items():
@@ -73,6 +80,7 @@ def cosmos_param_groups(
             raise ValueError(f"override {pattern!r} -> {route!r}: route must be one of {tuple(ROUTES)}")
     if conv not in ("adamw", "cosmos"):
         raise ValueError(f"conv must be 'adamw' or 'cosmos', got {conv!r}")
+    _check_head_names(head_names)
 
     embedding_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     routes: dict[str, str] = {}

@@ -339,23 +339,23 @@ def test_sparse_gradient_raises():
 
 
 BAD_ARGS = [
-    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(lr=-1.0), r"lr=-1.0 in the arguments:"),
     (dict(lr=float("nan")), "lr=nan"),
     (dict(lr_ratio=-0.1), "lr_ratio=-0.1"),
     (dict(gamma=-1), "gamma=-1"),
     (dict(eps=-1e-8), "eps=-1e-08"),
     (dict(weight_decay=-0.1), "weight_decay=-0.1"),
-    (dict(betas=(1.0, 0.9)), "beta1=1.0"),
+    (dict(betas=(1.0, 0.9)), r"beta1=1.0 \(betas=\(1.0, 0.9\)\) in the arguments:"),
     (dict(betas=(0.9, -0.1)), "beta2=-0.1"),
     (dict(betas=(0.9,)), r"betas=\(0.9,\)"),
-    (dict(rank=-1), "rank=-1"),
+    (dict(rank=-1), r"rank=-1 in the arguments:"),
     (dict(rank=2.5), "rank=2.5"),
     (dict(ns_steps=-1), "ns_steps=-1"),
-    (dict(update_interval=-2), "update_interval=-2"),
+    (dict(update_interval=-2), r"update_interval=-2 in the arguments:"),
     (dict(power_iters=0), "power_iters=0"),
-    (dict(ns_dtype="float16"), "ns_dtype='float16'"),
+    (dict(ns_dtype="float16"), r"ns_dtype='float16' in the arguments:"),
     (dict(nesterov="yes"), "nesterov='yes'"),
-    (dict(adamw_betas=(0.9, 1.5)), "beta2=1.5"),
+    (dict(adamw_betas=(0.9, 1.5)), r"beta2=1.5 \(betas=\(0.9, 1.5\)\) in the arguments \(adamw_betas\):"),
     (dict(on_nonfinite="ignore"), "on_nonfinite must be one of .* got 'ignore'"),
     (dict(lr=torch.tensor(0.1)), "pass a float"),
     (dict(batch="yes"), "batch must be None, True or False, got 'yes'"),
@@ -508,3 +508,12 @@ def test_loading_a_basis_wider_than_the_matrix_raises():
     sd["state"][0]["V"] = torch.zeros(6, 5)
     with pytest.raises(ValueError, match=r"saved 'U' of shape \(4, 5\), expected \(n, r\) = \(4, r\) with r <= min\(m, n\) = 4"):
         opt.load_state_dict(sd)
+
+
+def test_loading_a_state_of_another_rank_warns_and_keeps_the_saved_rank():
+    params, saved = _stepped([(6, 4)], rank=3)
+    fresh = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = COSMOS(fresh, rank=2)
+    with pytest.warns(UserWarning, match=r"param group 0 has rank=2, the loaded state rank=3; the loaded rank"):
+        opt.load_state_dict(saved.state_dict())
+    assert opt.param_groups[0]["rank"] == 3 and opt.state[fresh[0]]["U"].shape == (4, 3)

@@ -62,6 +62,7 @@ def test_overrides_options_and_conv():
         (dict(overrides={"norm.weight": "cosmos"}), r"'norm.weight' of shape \(8,\) cannot be routed to cosmos"),
         (dict(overrides={"norm.weight": "sgd"}), r"'norm.weight' -> 'sgd'"),
         (dict(conv="muon"), "conv must be 'adamw' or 'cosmos', got 'muon'"),
+        (dict(head_names="lm_head"), r"head_names must be a sequence of attribute names .* got 'lm_head'"),
     ],
 )
 def test_routing_errors(kwargs, message):

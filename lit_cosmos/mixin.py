@@ -34,7 +34,8 @@ total steps even if the new Trainer's ``max_steps`` differs.
 ``OptimizerCallable``: ``params -> Optimizer``) it is called with the routed param groups instead
 of building COSMOS, and an attribute ``lr_scheduler`` (``LRSchedulerCallable``:
 ``optimizer -> scheduler``) replaces the warmup-cosine schedule (it is stepped every optimizer
-step; a ``ReduceLROnPlateau`` every epoch, on its ``monitor``). ``None`` means "not injected".
+step; ``lightning.pytorch.cli.ReduceLROnPlateau`` every epoch, on its ``monitor``; torch's own
+``ReduceLROnPlateau`` names no metric and is refused with a TypeError). ``None`` means "not injected".
 Declare them in ``__init__`` with ``None`` or a MODULE-LEVEL FUNCTION as default, never a lambda
 (jsonargparse turns a lambda default into a ``class_path`` whose ``init_args`` then leak into
 whatever class a config substitutes). The function needs a return annotation naming an
@@ -82,7 +83,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
@@ -90,7 +91,7 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from lit_cosmos.optim import COSMOS
 from lit_cosmos.routing import DEFAULT_HEAD_NAMES, cosmos_param_groups, routing_summary
 
-__all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine", "FSDP1_ERROR", "check_strategy"]
+__all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine", "WarmupCosineLR", "FSDP1_ERROR", "check_strategy"]
 
 FSDP1_ERROR = (
     "FSDP1 (strategy='fsdp', FSDPStrategy) is not supported: it hands the optimizer flattened 1-D shards "
@@ -233,6 +234,28 @@ class WarmupCosine:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupCosineLR(LambdaLR):
+    """The ``LambdaLR`` of :class:`WarmupCosine` factors that says when a checkpoint changes it.
+
+    ``LambdaLR.load_state_dict`` restores the factors' fields, so a resumed run keeps the saved
+    warmup and total steps (an exact resume). When they differ from the ones this run configured
+    (e.g. a run continued with a larger ``max_steps``), a warning says which schedule applies.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        configured = [dataclasses.astuple(f) for f in self.lr_lambdas if isinstance(f, WarmupCosine)]
+        super().load_state_dict(state_dict)
+        restored = [dataclasses.astuple(f) for f in self.lr_lambdas if isinstance(f, WarmupCosine)]
+        if restored and restored != configured:
+            (w_old, t_old, rho_old), (w_new, t_new, rho_new) = restored[0], configured[0]
+            later = (f"; steps after {t_old} use the floor rate {rho_old} x lr" if t_new > t_old else "")
+            rank_zero_warn(
+                f"The warmup-cosine LR schedule restored from the checkpoint (warmup {w_old}, cosine to "
+                f"{rho_old} x lr at step {t_old}) differs from this run's (warmup {w_new}, cosine to {rho_new} "
+                f"x lr at step {t_new}); the restored one applies, so that a resume is exact{later}"
+            )
+
+
 class CosmosMixin:
     """Adds ``configure_optimizers`` (COSMOS + warmup-cosine) to a LightningModule.
 
@@ -318,14 +341,18 @@ class CosmosMixin:
         if make_scheduler is None:
             total = self.cosmos_total_steps()
             schedule = WarmupCosine(cfg.resolve_warmup(total), total, cfg.min_lr_ratio)
-            scheduler_config: dict[str, Any] = {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}
+            scheduler_config: dict[str, Any] = {"scheduler": WarmupCosineLR(optimizer, schedule), "interval": "step"}
             schedule_txt = f"warmup {schedule.warmup_steps} steps, cosine to {cfg.min_lr_ratio} x lr at step {total}"
         else:
             scheduler = make_scheduler(optimizer)
             if isinstance(scheduler, ReduceLROnPlateau):
-                scheduler_config = {"scheduler": scheduler, "interval": "epoch"}
-                if getattr(scheduler, "monitor", None):
-                    scheduler_config["monitor"] = scheduler.monitor
+                if not getattr(scheduler, "monitor", None):
+                    raise TypeError(
+                        f"the injected lr_scheduler {make_scheduler!r} returned torch's ReduceLROnPlateau, which does "
+                        "not say which logged metric it watches: inject lightning.pytorch.cli.ReduceLROnPlateau "
+                        "(same arguments plus monitor=..., e.g. monitor='val/loss') instead"
+                    )
+                scheduler_config = {"scheduler": scheduler, "interval": "epoch", "monitor": scheduler.monitor}
             elif callable(getattr(scheduler, "step", None)) and hasattr(scheduler, "optimizer"):
                 scheduler_config = {"scheduler": scheduler, "interval": "step"}
             else:

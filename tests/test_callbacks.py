@@ -255,10 +255,26 @@ def test_refresh_state_dict_roundtrip():
     assert cb.state_dict() == state and cb.next_refresh == 9 and cb.refreshes == 5
 
 
-@pytest.mark.parametrize("callback", [lambda: EigenbasisRefresh(), lambda: SubspaceMonitor()])
-def test_cosmos_callbacks_reject_other_optimizers(tmp_path, callback):
-    with pytest.raises(MisconfigurationException, match=r"needs exactly one lit_cosmos.COSMOS.*\['AdamW'\]"):
-        fit(tmp_path, [callback()], max_steps=2, optimizer="adamw")
+@pytest.mark.parametrize("callback", [lambda: EigenbasisRefresh(), lambda: SubspaceMonitor(every_n_steps=1)])
+def test_cosmos_callbacks_warn_and_stand_aside_for_other_optimizers(tmp_path, callback):
+    # A config that swaps COSMOS for AdamW keeps its callbacks list: they must not stop the run.
+    cb = callback()
+    name = type(cb).__name__
+    with pytest.warns(UserWarning, match=rf"{name} acts on a lit_cosmos.COSMOS optimizer, but the trainer's "
+                                         rf"optimizers are \['AdamW'\]: {name} does nothing"):
+        trainer, _ = fit(tmp_path, [cb], max_steps=3, optimizer="adamw")
+    assert trainer.global_step == 3
+    assert not [tag for tag in scalars(trainer) if tag.startswith(("refresh/", "subspace/"))]
+
+
+def test_two_cosmos_optimizers_are_ambiguous():
+    from types import SimpleNamespace
+
+    from lit_cosmos.callbacks.refresh import find_cosmos_optimizer
+
+    opts = [COSMOS([nn.Parameter(torch.zeros(2, 2))]) for _ in range(2)]
+    with pytest.raises(MisconfigurationException, match=r"needs exactly one lit_cosmos.COSMOS .* \['COSMOS', 'COSMOS'\]"):
+        find_cosmos_optimizer(SimpleNamespace(optimizers=opts), "SubspaceMonitor")
 
 
 def test_two_refresh_callbacks_are_rejected(tmp_path):

@@ -3,11 +3,13 @@
 import logging
 import math
 import sys
+import warnings
 from functools import partial
 from typing import Optional
 
 import lightning as L
 import lightning_utilities.core.rank_zero as rank_zero_module
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_cosmos import COSMOS, CosmosConfig, CosmosMixin, MuonAdamW
+from lit_cosmos.mixin import WarmupCosineLR
 
 VOCAB, DIM, SEQ = 32, 16, 8
 
@@ -252,6 +255,8 @@ def test_bad_config_raises(kwargs, match):
          r"CosmosTinyLM.optimizer = 'adamw' is neither None nor callable"),
         (CosmosConfig(), {"optimizer": lambda groups: None}, {"max_steps": 10}, TypeError,
          r"returned NoneType, not a torch Optimizer"),
+        (CosmosConfig(), {"lr_scheduler": lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt)}, {"max_steps": 10},
+         TypeError, r"torch's ReduceLROnPlateau, which does not say which logged metric .* lightning.pytorch.cli.ReduceLROnPlateau"),
     ],
 )
 def test_bad_setup_raises_in_fit(config, attrs, trainer_kw, error, match):
@@ -292,6 +297,49 @@ def test_resume_from_checkpoint_matches_uninterrupted(tmp_path, optimizer):
                                           else 5e-3 * _closed_form(4, 2, 8, 0.1))
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+class PlateauLM(CosmosTinyLM):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", 10.0)  # never improves after epoch 1: cut after each later epoch (patience 0)
+        return loss
+
+
+def test_lightning_reduce_on_plateau_is_stepped_every_epoch_on_its_monitor():
+    from lightning.pytorch.cli import ReduceLROnPlateau
+
+    rec = Recorder()
+    model = _model(PlateauLM, lr_scheduler=lambda opt: ReduceLROnPlateau(opt, monitor="train_loss", patience=0, factor=0.5))
+    _trainer([rec], max_steps=-1, max_epochs=3).fit(model, _loader())
+    per_epoch = [lrs[0] for lrs in rec.lrs[::4]]
+    assert per_epoch == pytest.approx([2e-3, 2e-3, 1e-3])
+
+
+def test_continuing_past_the_saved_schedule_warns_and_keeps_it(tmp_path):
+    # The schedule's total comes from the first trainer's max_steps (4); the continued run asks
+    # for 8. The restored schedule applies (floor rate after step 4), and a warning says so.
+    cls = type("Continued", (CosmosTinyLM,), {"cosmos_config": CosmosConfig(warmup_steps=1, min_lr_ratio=0.25)})
+    trainer = _trainer(max_steps=-1, max_epochs=1)
+    trainer.fit(_model(cls), _loader())
+    ckpt = tmp_path / "four.ckpt"
+    trainer.save_checkpoint(ckpt)
+    rec = Recorder()
+    with pytest.warns(UserWarning, match=r"restored from the checkpoint \(warmup 1, cosine to 0.25 x lr at step 4\) "
+                                         r"differs from this run's \(warmup 1, cosine to 0.25 x lr at step 8\).*"
+                                         r"steps after 4 use the floor rate 0.25 x lr"):
+        _trainer([rec], max_steps=-1, max_epochs=2).fit(_model(cls), _loader(), ckpt_path=ckpt)
+    assert [lrs[0] for lrs in rec.lrs] == pytest.approx([0.25 * 2e-3] * 4)
+
+
+def test_an_exact_resume_does_not_warn(tmp_path):
+    cls = type("Exact", (CosmosTinyLM,), {"cosmos_config": CosmosConfig(warmup_steps=1, max_steps=8)})
+    trainer = _trainer(max_steps=-1, max_epochs=1)
+    trainer.fit(_model(cls), _loader())
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*LR schedule restored.*")
+        _trainer(max_steps=-1, max_epochs=2).fit(_model(cls), _loader(), ckpt_path=tmp_path / "half.ckpt")
 
 
 # ---------------------------------------------------------------------- LightningCLI
@@ -365,7 +413,7 @@ def test_cli_injection(tmp_path, model_yaml, cls, check):
     opt, sched = _cli(tmp_path, CLITinyLM, model_yaml)
     assert type(opt) is cls and check(opt.param_groups)
     assert [g["name"] for g in opt.param_groups] == ["cosmos", "adamw", "adamw_no_decay"]
-    assert type(sched) is torch.optim.lr_scheduler.LambdaLR
+    assert type(sched) is WarmupCosineLR  # the warmup-cosine LambdaLR of the mixin
 
 
 def test_cli_injection_of_scheduler_and_none_default(tmp_path):

@@ -81,9 +81,9 @@ class EigenbasisRefresh(RefreshSchedule, Callback):
     Raises:
         ValueError: from ``__init__``, for an unknown schedule or an invalid number (the message
             names it).
-        MisconfigurationException: at the start of fit, when the trainer has no
-            :class:`~lit_cosmos.COSMOS` optimizer (the message names the optimizers it found) or
-            more than one. (Lightning itself refuses a second ``EigenbasisRefresh``: same
+        MisconfigurationException: at the start of fit, when the trainer has more than one
+            :class:`~lit_cosmos.COSMOS` optimizer. With none (e.g. a config that swapped in
+            AdamW) it warns, naming the optimizers it found, and does nothing. (Lightning itself refuses a second ``EigenbasisRefresh``: same
             ``state_key``.)
 
     Example::
@@ -121,8 +121,10 @@ class EigenbasisRefresh(RefreshSchedule, Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        optimizer = _the_cosmos_optimizer(trainer, type(self).__name__)
+        optimizer = find_cosmos_optimizer(trainer, type(self).__name__)
         self._trainer = trainer
+        if optimizer is None:
+            return
         # The drift all-reduce runs where the strategy keeps its tensors (NCCL needs CUDA ones).
         self.device = getattr(trainer.strategy, "root_device", None)
         self.attach(optimizer)
@@ -156,12 +158,20 @@ class EigenbasisRefresh(RefreshSchedule, Callback):
                 logger.log_metrics(metrics, step=step)
 
 
-def _the_cosmos_optimizer(trainer: "pl.Trainer", who: str) -> COSMOS:
+def find_cosmos_optimizer(trainer: "pl.Trainer", who: str) -> Optional[COSMOS]:
+    """The trainer's one :class:`~lit_cosmos.COSMOS` optimizer, or ``None`` (with a warning) when it
+    has none: a config that swaps COSMOS for another optimizer keeps its COSMOS callbacks, which
+    then do nothing. More than one COSMOS is ambiguous and raises."""
     found = [opt for opt in trainer.optimizers if isinstance(opt, COSMOS)]
-    if len(found) != 1:
-        names = [type(opt).__name__ for opt in trainer.optimizers]
+    names = [type(opt).__name__ for opt in trainer.optimizers]
+    if len(found) > 1:
         raise MisconfigurationException(
-            f"{who} needs exactly one lit_cosmos.COSMOS optimizer, but the trainer's optimizers are "
-            f"{names or 'none'}; return COSMOS from configure_optimizers or remove {who}"
+            f"{who} needs exactly one lit_cosmos.COSMOS optimizer, but the trainer's optimizers are {names}"
         )
+    if not found:
+        rank_zero_warn(
+            f"{who} acts on a lit_cosmos.COSMOS optimizer, but the trainer's optimizers are {names or 'none'}: "
+            f"{who} does nothing in this run"
+        )
+        return None
     return found[0]

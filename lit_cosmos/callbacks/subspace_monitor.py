@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_cosmos import functional as F
 from lit_cosmos.comm import is_dtensor, local_tensor
+from lit_cosmos.callbacks.refresh import find_cosmos_optimizer
 from lit_cosmos.optim import COSMOS, NS_DTYPES
 
 __all__ = ["SubspaceMonitor", "ns_polar_error"]
@@ -85,8 +86,8 @@ class SubspaceMonitor(Callback):
     Raises:
         ValueError: from ``__init__``, for ``every_n_steps < 1``.
         MisconfigurationException: in ``setup`` when the trainer has no logger; at the start of
-            fit when it has no :class:`~lit_cosmos.COSMOS` optimizer (the message names the
-            optimizers it found) or more than one.
+            fit when it has more than one :class:`~lit_cosmos.COSMOS` optimizer. With none (e.g. a
+            config that swapped in AdamW) it warns, naming the optimizers it found, and does nothing.
 
     Example::
 
@@ -125,18 +126,14 @@ class SubspaceMonitor(Callback):
             raise MisconfigurationException("Cannot use SubspaceMonitor with a Trainer that has no logger.")
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        found = [opt for opt in trainer.optimizers if isinstance(opt, COSMOS)]
-        if len(found) != 1:
-            names = [type(opt).__name__ for opt in trainer.optimizers]
-            raise MisconfigurationException(
-                f"SubspaceMonitor needs exactly one lit_cosmos.COSMOS optimizer, but the trainer's optimizers "
-                f"are {names or 'none'}; return COSMOS from configure_optimizers or remove SubspaceMonitor"
-            )
+        optimizer = find_cosmos_optimizer(trainer, "SubspaceMonitor")
         self._trainer = trainer
         self._remove_hooks()
+        if optimizer is None:
+            return
         self._handles = [
-            found[0].register_step_pre_hook(self._pre_step),
-            found[0].register_step_post_hook(self._post_step),
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
         ]
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

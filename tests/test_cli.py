@@ -158,6 +158,21 @@ def test_env_vars(monkeypatch, capsys):
     assert print_config(capsys, "--config", DEBUG, "--trainer.max_steps", "5")["trainer"]["max_steps"] == 5
 
 
+def test_one_path_needs_no_list(tmp_path):
+    (tmp_path / "notes.txt").write_text("some text " * 50)
+    cli = build_cli(["--config", DEBUG, "--data.init_args.paths", str(tmp_path)], run=False)
+    assert cli.datamodule.paths == [str(tmp_path)]
+
+
+def test_cosmos_callbacks_stand_aside_when_an_overlay_swaps_in_adamw(data_cache, tmp_path):
+    # quickstart.yaml carries EigenbasisRefresh and SubspaceMonitor; the adamw overlay must still run.
+    with pytest.warns(UserWarning, match=r"EigenbasisRefresh acts on a lit_cosmos.COSMOS optimizer"):
+        cli = build_cli(["fit", *config_args("quickstart", "optim/adamw"), "--trainer.max_steps", "2",
+                         "--model.init_args.warmup_steps", "1",
+                         "--trainer.limit_val_batches", "1", "--data.cache_dir", data_cache])
+    assert cli.trainer.global_step == 2 and type(cli.trainer.optimizers[0]) is torch.optim.AdamW
+
+
 def test_vocab_size_follows_the_data():
     cli = build_cli(config_args("models/llama-60m"), run=False)
     assert cli.model.config.vocab_size == 257  # byte-level default data

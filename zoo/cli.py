@@ -1,7 +1,7 @@
 """``lit-cosmos``: LightningCLI over ``zoo.lit_model.CausalLM`` and ``zoo.data.TextDataModule``.
 
-Subcommands ``fit``, ``validate``, ``test`` and ``predict`` (``test`` and ``predict`` need a
-datamodule with test / predict dataloaders; ``TextDataModule`` has train and val only). Configs
+Subcommands ``fit``, ``validate``, ``test`` and ``predict`` (``TextDataModule`` serves its test
+split to ``test`` and ``predict``, or its validation split when it has none). Configs
 are YAML files layered in order; precedence, lowest first: defaults, environment variables such
 as ``PL_FIT__TRAINER__MAX_STEPS=100``, config files, command-line flags::
 

@@ -291,7 +291,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        paths: list[str] | None = None,
+        paths: list[str] | str | None = None,
         block_size: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,

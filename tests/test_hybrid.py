@@ -245,3 +245,21 @@ def test_fsdp2_row_shards_are_refused_with_a_clear_error():
     from zoo.launch import spawn
 
     spawn(_fsdp_refused_worker, 1)
+
+
+def test_loading_a_state_of_another_model_raises_and_loads_nothing():
+    def stepped(shape):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(shape))
+        opt = MuonAdamW([{"params": [p], "algorithm": "muon"}], lr=1e-2)
+        p.grad = torch.randn(shape)
+        opt.step()
+        return p, opt
+
+    _, saved = stepped((6, 4))
+    p, opt = stepped((5, 4))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 has shape \(5, 4\) but its saved "
+                                         r"'momentum_buffer' has shape \(6, 4\)"):
+        opt.load_state_dict(saved.state_dict())
+    assert torch.equal(opt.state[p]["momentum_buffer"], before["state"][0]["momentum_buffer"])

@@ -44,10 +44,12 @@ def _all_finite_local(tensors: Sequence[Tensor]) -> Tensor:
     # read per tensor (8x faster than the max-abs norm on CPUs). It also flags gradients so large
     # that their sum overflows float32 (entries ~1e38 / numel), which COSMOS's float32 Gram
     # products would overflow on anyway.
-    sums = [t.sum(dtype=torch.float32) for t in tensors if t.numel()]
-    if not sums:
+    # float64 gradients (float64 parameters, float64 maths) are summed in float64.
+    finite = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).isfinite()
+              for t in tensors if t.numel()]
+    if not finite:
         return torch.tensor(True)
-    return torch.stack(sums).isfinite().all()
+    return torch.stack(finite).all()
 
 
 class Comm:

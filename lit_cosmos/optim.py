@@ -172,7 +172,16 @@ class COSMOS(Optimizer):
         group = dict(param_group)
         if isinstance(group.get("params"), Tensor):
             group["params"] = [group["params"]]
+        if isinstance(group.get("params"), (set, frozenset)):
+            raise TypeError("COSMOS parameters must be an ordered collection (a list), not a set: the order of a set "
+                            "changes between runs and state_dict() refers to parameters by position")
         items = list(group["params"])
+        for item in items:
+            name, p = item if isinstance(item, tuple) else (None, item)
+            if isinstance(p, Tensor) and p.is_complex():
+                label = f"{name!r} " if name else ""
+                raise ValueError(f"COSMOS does not support complex parameters: parameter {label}of shape "
+                                 f"{tuple(p.shape)} has dtype {p.dtype}")
         if group.get("algorithm") is None:
             # Plain parameters: route by dimension (2-D -> cosmos, everything else -> adamw).
             def ndim(item: Any) -> int:
@@ -311,12 +320,15 @@ class COSMOS(Optimizer):
         """Name the first parameter with a non-finite gradient on this rank (error path only)."""
         for i, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])
-            for name, p in zip(names, group["params"]):
+            for j, (name, p) in enumerate(zip(names, group["params"])):
                 g = local_tensor(p.grad) if p.grad is not None else None
                 if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
-                    label = repr(name) if name else f"#{group['params'].index(p)} of param group {i}"
+                    label = repr(name) if name else f"#{j} of param group {i}"
                     return f" for parameter {label} of shape {tuple(p.shape)}"
-        return " on another rank"
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return " on another rank (or a gradient so large that its float32 sum overflows)"
+        return " (no entry is NaN/Inf here: a gradient so large that its float32 sum overflows)"
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

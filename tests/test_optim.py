@@ -517,3 +517,28 @@ def test_loading_a_state_of_another_rank_warns_and_keeps_the_saved_rank():
     with pytest.warns(UserWarning, match=r"param group 0 has rank=2, the loaded state rank=3; the loaded rank"):
         opt.load_state_dict(saved.state_dict())
     assert opt.param_groups[0]["rank"] == 3 and opt.state[fresh[0]]["U"].shape == (4, 3)
+
+
+def test_nonfinite_error_names_the_parameter_by_position():
+    # plain tensors, the bad one not first, shapes that make tensor comparison fail
+    w1, w2 = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(5, 3))
+    opt = COSMOS([w1, w2])
+    w1.grad, w2.grad = torch.randn(8, 4), torch.randn(5, 3)
+    w2.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"parameter #1 of param group 0 of shape \(5, 3\)"):
+        opt.step()
+
+
+def test_float64_gradients_are_checked_in_float64():
+    w = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+    opt = COSMOS([w], rank=2, ns_dtype="float32", lr=1e-3)
+    w.grad = torch.full((4, 3), 1e150, dtype=torch.float64)  # finite, but its float32 sum is inf
+    opt.step()
+    assert torch.isfinite(w).all() and opt.state[w]["step"] == 1
+
+
+def test_complex_parameters_and_sets_are_refused():
+    with pytest.raises(ValueError, match=r"complex parameters: parameter of shape \(2, 2\) has dtype torch.complex64"):
+        COSMOS([nn.Parameter(torch.zeros(2, 2, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="not a set"):
+        COSMOS([{"params": {nn.Parameter(torch.zeros(2, 2))}, "algorithm": "cosmos"}])

@@ -240,13 +240,26 @@ class COSMOS(Optimizer):
                     UserWarning,
                     stacklevel=2,
                 )
+        # torch casts the loaded state to each parameter's dtype, which would round COSMOS's
+        # float32 state of bf16/fp16 parameters: keep the saved tensors and take them back after.
+        saved_state = state_dict.get("state", {})
+        originals = {
+            p: saved_state[pid]
+            for group, saved in zip(self.param_groups, state_dict.get("param_groups", []))
+            for p, pid in zip(group["params"], saved["params"])
+            if pid in saved_state
+        }
         super().load_state_dict(state_dict)
-        # torch casts loaded state to the parameter's dtype; COSMOS keeps float32 state for
-        # bf16/fp16 parameters, so undo that.
         for p, st in self.state.items():
             cdt = _compute_dtype(p)
+            source = originals.get(p, {})
             for key, value in st.items():
-                if key != "step" and isinstance(value, Tensor) and value.dtype != cdt:
+                if key == "step" or not isinstance(value, Tensor):
+                    continue
+                saved = source.get(key)
+                if isinstance(saved, Tensor) and saved.is_floating_point() and saved.dtype != value.dtype:
+                    st[key] = saved.to(device=value.device, dtype=cdt)  # the unrounded saved values
+                elif value.dtype != cdt:
                     st[key] = value.to(cdt)
         self._comm.drop_unowned(self)
 

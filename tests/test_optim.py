@@ -542,3 +542,30 @@ def test_complex_parameters_and_sets_are_refused():
         COSMOS([nn.Parameter(torch.zeros(2, 2, dtype=torch.complex64))])
     with pytest.raises(TypeError, match="not a set"):
         COSMOS([{"params": {nn.Parameter(torch.zeros(2, 2))}, "algorithm": "cosmos"}])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_keeps_the_float32_state_of_low_precision_parameters_exactly(dtype):
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(32, 16, dtype=dtype)), nn.Parameter(torch.randn(32, dtype=dtype))
+    opt = COSMOS([w, b], lr=1e-2, rank=4)
+    for _ in range(5):
+        w.grad, b.grad = (torch.randn(32, 16) * 1e-4).to(dtype), (torch.randn(32) * 1e-4).to(dtype)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    w2, b2 = nn.Parameter(w.detach().clone()), nn.Parameter(b.detach().clone())
+    opt2 = COSMOS([w2, b2], lr=1e-2, rank=4)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    for p, q in ((w, w2), (b, b2)):
+        for key, value in opt.state[p].items():
+            assert opt2.state[q][key].dtype == value.dtype
+            assert torch.equal(opt2.state[q][key], value), key  # not rounded through the parameter's dtype
+    # and both continue identically
+    for o, (pw, pb) in ((opt, (w, b)), (opt2, (w2, b2))):
+        g = torch.Generator().manual_seed(7)
+        pw.grad = (torch.randn(32, 16, generator=g) * 1e-4).to(dtype)
+        pb.grad = (torch.randn(32, generator=g) * 1e-4).to(dtype)
+        o.step()
+    assert torch.equal(w, w2) and torch.equal(b, b2)

@@ -161,6 +161,8 @@ class COSMOS(Optimizer):
         #: True when the last ``step()`` was skipped for a non-finite gradient (``on_nonfinite="skip"``).
         self.last_step_skipped = False
         self._refresh_request: Optional[int] = None
+        self._compile = bool(compile)
+        self._comm_spec = comm
         self._ns = torch.compile(F.newton_schulz, dynamic=None) if compile else F.newton_schulz
         super().__init__(list(params) if not isinstance(params, Tensor) else [params], defaults)
         self._comm = resolve_comm(comm, [p for g in self.param_groups for p in g["params"]])
@@ -212,14 +214,32 @@ class COSMOS(Optimizer):
             group["betas"] = tuple(group["betas"])
         super().add_param_group(group)
 
+    #: Settings beyond torch's ``defaults``/``state``/``param_groups`` that copies and pickles keep.
+    _PICKLED = ("on_nonfinite", "batch", "last_step_skipped", "_refresh_request", "_adamw_betas", "_compile",
+                "_comm_spec")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in self._PICKLED if key in self.__dict__})
+        if not isinstance(state.get("_comm_spec"), str):
+            state["_comm"] = self._comm  # a Comm object given by the caller travels as it is
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickling and copying, and the last act of load_state_dict (state and groups only).
         super().__setstate__(state)
         self.__dict__.setdefault("_refresh_request", None)
         self.__dict__.setdefault("on_nonfinite", "raise")
         self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("batch", None)
-        self.__dict__.setdefault("_ns", F.newton_schulz)
-        self.__dict__.setdefault("_comm", LocalComm())
+        self.__dict__.setdefault("_adamw_betas", (0.9, 0.95))
+        self.__dict__.setdefault("_compile", False)
+        self.__dict__.setdefault("_comm_spec", "auto")
+        if "_ns" not in self.__dict__:
+            self._ns = torch.compile(F.newton_schulz, dynamic=None) if self._compile else F.newton_schulz
+        if "_comm" not in self.__dict__:
+            # e.g. "ddp_split" or "auto" (FSDP2 for DTensor parameters), for the copy's parameters
+            self._comm = resolve_comm(self._comm_spec, [p for g in self.param_groups for p in g["params"]])
 
     def state_dict(self) -> dict[str, Any]:
         # Under DDP work split the state of a matrix lives on its owner: consolidate first.

@@ -569,3 +569,24 @@ def test_load_keeps_the_float32_state_of_low_precision_parameters_exactly(dtype)
         pb.grad = (torch.randn(32, generator=g) * 1e-4).to(dtype)
         o.step()
     assert torch.equal(w, w2) and torch.equal(b, b2)
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "pickle"])
+def test_copies_keep_the_optimizer_settings(clone):
+    import pickle
+
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = COSMOS([w], rank=2, on_nonfinite="skip", batch=True, adamw_betas=(0.8, 0.85), comm="local")
+    w.grad = torch.randn(6, 4)
+    opt.step()
+    opt.request_refresh(3)
+    copied = copy.deepcopy(opt) if clone == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (copied.on_nonfinite, copied.batch, copied._adamw_betas, copied._comm_spec) == ("skip", True, (0.8, 0.85), "local")
+    assert copied._refresh_request == 3 and type(copied._comm).__name__ == "LocalComm"
+    b = nn.Parameter(torch.randn(3))
+    copied.add_param_group({"params": [b], "algorithm": "adamw"})  # needs the AdamW betas
+    assert copied.param_groups[-1]["betas"] == (0.8, 0.85)
+    (p,) = copied.param_groups[0]["params"]
+    p.grad = torch.full((6, 4), float("nan"))
+    copied.step()  # "skip": no error
+    assert copied.last_step_skipped

@@ -513,6 +513,10 @@ class COSMOS(Optimizer):
             p.add_(d.view(p.shape).to(p.dtype), alpha=scale)
 
 
+#: Parts of the update below this many machine epsilons of the matrix's norm count as zero.
+_ROUNDOFF = 1000.0
+
+
 def cosmos_direction(
     G: Tensor,
     M: Tensor,
@@ -567,10 +571,21 @@ def cosmos_direction(
     else:
         X = M / (1.0 - beta1**t)
     scale = math.sqrt(m * n)
+    keep_residual = None
     if r > 0:
         Y = X @ U
         R = F.addmm(X, Y, U.mT, alpha=-1.0)  # X - Y U^T, orthogonal to U
+        # Parts at roundoff level of the whole matrix are zeros in exact arithmetic, and must stay
+        # zeros: Newton-Schulz would blow a roundoff residual up to a unit-norm noise matrix, and
+        # Adam would divide roundoff by roundoff along directions of U that carry no energy. Both
+        # happen whenever the gradient's rank is <= r (a 1 x n matrix, a batch smaller than r).
+        # ||X||^2 = sum of Y's column energies + ||R||^2 (R is orthogonal to U): one reduction.
+        energies = comm.all_reduce(torch.cat([Y.square().sum(dim=-2, keepdim=True),
+                                              torch.linalg.matrix_norm(R, keepdim=True).square()], dim=-1))
+        floor = energies.sum(dim=-1, keepdim=True).mul_((_ROUNDOFF * torch.finfo(X.dtype).eps) ** 2)
+        keep_residual = energies[..., -1:] > floor  # (b, 1, 1)
         Yd = Y.div_((V / (1.0 - beta2**t)).sqrt_().add_(eps))  # A = Yd U^T
+        Yd.mul_(energies[..., :-1] > floor)
     else:
         R = X
     if r == n:
@@ -579,6 +594,8 @@ def cosmos_direction(
         Gt = Yd @ U.mT
     else:
         B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz, m=m)  # ||B||_F = 1
+        if keep_residual is not None:
+            B.mul_(keep_residual)
         if r == 0:
             Gt = B.mul_(gamma * scale)
         elif ns_dtype != G.dtype:

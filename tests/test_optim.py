@@ -590,3 +590,36 @@ def test_copies_keep_the_optimizer_settings(clone):
     p.grad = torch.full((6, 4), float("nan"))
     copied.step()  # "skip": no error
     assert copied.last_step_skipped
+
+
+@pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
+def test_first_step_of_a_one_row_matrix_is_the_normalised_gradient(ns_dtype):
+    # r = m = 1: U is g/|g|, the residual is zero but for roundoff (no Muon part), and in exact
+    # arithmetic the update is -lr * lr_ratio * sqrt(n) * g / |g| (RMS lr * lr_ratio).
+    n, lr, lr_ratio = 300, 0.01, 0.2
+    w = nn.Parameter(torch.zeros(1, n))
+    opt = COSMOS([w], lr=lr, lr_ratio=lr_ratio, rank=64, weight_decay=0.0, ns_dtype=ns_dtype)
+    g = torch.randn(1, n, generator=torch.Generator().manual_seed(3))
+    w.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), -lr * lr_ratio * math.sqrt(n) * g / g.norm(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rank", [8, 64])
+def test_rank_deficient_gradients_give_the_exact_arithmetic_update(rank):
+    # A batch of 8 gives a rank-8 gradient: with rank >= 8 the basis holds its whole row space
+    # plus arbitrary null directions, and the residual is roundoff. The float32 update must equal
+    # the float64 one (the same rule at float64 roundoff) and stay in the gradient's row space.
+    g = torch.Generator().manual_seed(4)
+    grad = torch.randn(64, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 48, generator=g, dtype=torch.float64)
+    updates = {}
+    for dtype in (torch.float64, torch.float32):
+        w = nn.Parameter(torch.zeros(64, 48, dtype=dtype))
+        opt = COSMOS([w], rank=rank, weight_decay=0.0, ns_dtype="float32")
+        w.grad = grad.to(dtype)
+        opt.step()
+        updates[dtype] = w.detach().double()
+    torch.testing.assert_close(updates[torch.float32], updates[torch.float64], rtol=1e-4, atol=1e-7)
+    row_space = torch.linalg.svd(grad)[2][:8].T
+    u = updates[torch.float32]
+    assert ((u @ row_space).norm() / u.norm()).item() == pytest.approx(1.0, abs=1e-6)

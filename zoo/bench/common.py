@@ -328,6 +328,15 @@ def pyplot():
 
 
 # ---------------------------------------------------------------------- CLI
+def new_parser(name: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """The parser of ``python -m zoo.bench <name>``, described by the first paragraph of ``doc``,
+    with the arguments every benchmark takes."""
+    parser = argparse.ArgumentParser(prog=f"python -m zoo.bench {name}", description=(doc or "").split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, name)
+    return parser
+
+
 def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (seconds; for tests)")
     parser.add_argument("--out", type=Path, default=None, help=f"output folder (default bench_results/{name}/)")

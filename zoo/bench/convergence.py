@@ -430,9 +430,7 @@ def _parse_grids(items: Optional[list[str]], defaults: dict[str, tuple[float, ..
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench convergence", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, NAME)
+    p = common.new_parser(NAME, __doc__)
     add_training_args(p)
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--lr-grid", action="append", metavar="OPT=LR,LR,...",

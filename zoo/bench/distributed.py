@@ -118,9 +118,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench distributed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, NAME)
+    p = common.new_parser(NAME, __doc__)
     p.add_argument("--model", default=None, help="zoo config whose block shapes are used (default llama-60m)")
     p.add_argument("--blocks", type=int, default=None, help="transformer blocks of matrices (default 2)")
     p.add_argument("--rank", type=int, default=64, help="COSMOS rank")

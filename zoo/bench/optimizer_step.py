@@ -347,9 +347,7 @@ def plot(result: dict[str, Any]):
 
 # ---------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench optimizer_step", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, NAME)
+    p = common.new_parser(NAME, __doc__)
     p.add_argument("--models", nargs="+", default=None, help=f"zoo config names (default {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--full", action="store_true", help="every block of the model instead of one")
     p.add_argument("--optimizers", nargs="+", default=None, choices=OPTIMIZERS,

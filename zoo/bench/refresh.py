@@ -90,9 +90,7 @@ def expected_refreshes(variant: str, steps: int) -> Optional[int]:
 
 # ---------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench refresh", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, NAME)
+    p = common.new_parser(NAME, __doc__)
     add_training_args(p)
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"COSMOS learning rate (default {DEFAULT_LR:g})")
     p.add_argument("--rank", type=int, default=64, help="COSMOS rank")

@@ -187,9 +187,7 @@ def plot(result: dict[str, Any]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.bench scaling", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, NAME)
+    p = common.new_parser(NAME, __doc__)
     p.add_argument("--shape", type=int, nargs=2, default=None, metavar=("M", "N"), help="rank-sweep matrix (default 768 2048)")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="default 0 16 32 64 128 256")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="default 256 512 1024 1536 2048")

@@ -292,6 +292,16 @@ def machine_markdown(info: dict[str, Any]) -> str:
     )
 
 
+def publish(out: Path, result: dict[str, Any], markdown: str, figure: Any = None) -> dict[str, Any]:
+    """Write the results (:func:`write_results`), print the markdown and the written paths, and
+    return ``result`` with those paths under ``"paths"``."""
+    paths = write_results(out, result, markdown, figure)
+    result["paths"] = {k: str(v) for k, v in paths.items()}
+    print(markdown)
+    print(f"\nwrote {', '.join(str(v) for v in paths.values())}")
+    return result
+
+
 def write_results(out: Path, result: dict[str, Any], markdown: str, figure: Any = None) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and (if a matplotlib figure is given) ``results.png``."""
     out.mkdir(parents=True, exist_ok=True)

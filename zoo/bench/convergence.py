@@ -538,11 +538,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "runs": [r.summary() for rs in by_opt.values() for r in rs],
     }
     md = to_markdown(result)
-    paths = common.write_results(args.out, result, md, plot(result))
-    result["paths"] = {k: str(v) for k, v in paths.items()}
-    print(md)
-    print(f"\nwrote {', '.join(str(v) for v in paths.values())}")
-    return result
+    return common.publish(args.out, result, md, plot(result))
 
 
 def _phase_ratio(opt: str, base: str, sweep: list[Run], finals: list[Run], chosen: dict[str, float], block: int, attr: str) -> float:

@@ -151,11 +151,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             results[str(world)] = json.loads(Path(out).read_text())
     result = {"name": NAME, "machine": common.machine_info(args.device, ["distributed", *argv]),
               "settings": settings, "shapes": job["shapes"], "results": results}
-    figure = plot(result)
-    paths = common.write_results(args.out, result, to_markdown(result), figure)
-    print(to_markdown(result))
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return result
+    return common.publish(args.out, result, to_markdown(result), plot(result))
 
 
 def to_markdown(result: dict[str, Any]) -> str:

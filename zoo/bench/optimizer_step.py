@@ -415,11 +415,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         for res in models:
             for opt, prof in res.get("profile", {}).items():
                 md += f"\n\n### Profile of {opt}, {res['model']} ({prof['steps']} steps)\n\n```\n{prof['op_table']}\n```"
-    paths = common.write_results(args.out, result, md, plot(result))
-    result["paths"] = {k: str(v) for k, v in paths.items()}
-    print(md)
-    print(f"\nwrote {', '.join(str(v) for v in paths.values())}")
-    return result
+    return common.publish(args.out, result, md, plot(result))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

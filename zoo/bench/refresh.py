@@ -193,11 +193,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "runs": [{k: v for k, v in r.summary().items() if k != "train_loss"} for r in runs],
     }
     md = to_markdown(result)
-    paths = common.write_results(args.out, result, md, plot(result))
-    result["paths"] = {k: str(v) for k, v in paths.items()}
-    print(md)
-    print(f"\nwrote {', '.join(str(v) for v in paths.values())}")
-    return result
+    return common.publish(args.out, result, md, plot(result))
 
 
 # ---------------------------------------------------------------------- report

@@ -234,11 +234,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "size_sweep": size_sweep(args, fs),
     }
     md = to_markdown(result)
-    paths = common.write_results(args.out, result, md, plot(result))
-    result["paths"] = {k: str(v) for k, v in paths.items()}
-    print(md)
-    print(f"\nwrote {', '.join(str(v) for v in paths.values())}")
-    return result
+    return common.publish(args.out, result, md, plot(result))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

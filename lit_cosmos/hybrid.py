@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
 
+from lit_cosmos.optim import saved_param_states
+
 __all__ = ["MuonAdamW", "MUON_ALGORITHMS", "ADJUST_LR_FNS"]
 
 #: ``algorithm`` values of a param group that get Muon (``"cosmos"``: a COSMOS-routed matrix group).
@@ -227,19 +229,14 @@ class MuonAdamW(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Muon's and AdamW's per-parameter tensors (momentum_buffer, exp_avg, exp_avg_sq...) all
         # have the parameter's shape: a state of another model is refused before anything loads.
-        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
-        if len(groups) == len(saved_groups) and all(len(g["params"]) == len(sg["params"])
-                                                    for g, sg in zip(groups, saved_groups)):
-            saved_state = state_dict.get("state", {})
-            for index, (group, saved) in enumerate(zip(groups, saved_groups)):
-                for p, pid in zip(group["params"], saved["params"]):
-                    for key, value in (saved_state.get(pid) or {}).items():
-                        if isinstance(value, Tensor) and value.ndim > 0 and tuple(value.shape) != tuple(p.shape):
-                            raise ValueError(
-                                f"cannot load the optimizer state: parameter {pid} of param group {index} has shape "
-                                f"{tuple(p.shape)} but its saved {key!r} has shape {tuple(value.shape)}; the state "
-                                "was saved for a different model or routing. Nothing was loaded."
-                            )
+        for index, _, p, pid, st in saved_param_states(self.param_groups, state_dict):
+            for key, value in st.items():
+                if isinstance(value, Tensor) and value.ndim > 0 and tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"cannot load the optimizer state: parameter {pid} of param group {index} has shape "
+                        f"{tuple(p.shape)} but its saved {key!r} has shape {tuple(value.shape)}; the state "
+                        "was saved for a different model or routing. Nothing was loaded."
+                    )
         super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -21,6 +21,24 @@ NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 ON_NONFINITE = ("raise", "skip", "off")
 
 
+def saved_param_states(param_groups: list[dict], state_dict: dict[str, Any]) -> list[tuple[int, dict, Tensor, Any, dict]]:
+    """Pair an optimizer's parameters with a saved ``state_dict``'s entries, the way
+    ``Optimizer.load_state_dict`` does (by position): ``(group index, saved group, parameter,
+    saved id, saved state or {})``. Empty when the group or parameter counts differ (torch then
+    raises its own error)."""
+    saved_groups = state_dict.get("param_groups", [])
+    if len(param_groups) != len(saved_groups) or any(
+        len(g["params"]) != len(sg["params"]) for g, sg in zip(param_groups, saved_groups)
+    ):
+        return []
+    saved_state = state_dict.get("state", {})
+    return [
+        (index, saved, p, pid, saved_state.get(pid) or {})
+        for index, (group, saved) in enumerate(zip(param_groups, saved_groups))
+        for p, pid in zip(group["params"], saved["params"])
+    ]
+
+
 def _compute_dtype(p: Tensor) -> torch.dtype:
     """float32 maths for every parameter dtype, float64 for float64 parameters."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -262,13 +280,7 @@ class COSMOS(Optimizer):
                 )
         # torch casts the loaded state to each parameter's dtype, which would round COSMOS's
         # float32 state of bf16/fp16 parameters: keep the saved tensors and take them back after.
-        saved_state = state_dict.get("state", {})
-        originals = {
-            p: saved_state[pid]
-            for group, saved in zip(self.param_groups, state_dict.get("param_groups", []))
-            for p, pid in zip(group["params"], saved["params"])
-            if pid in saved_state
-        }
+        originals = {p: st for _, _, p, _, st in saved_param_states(self.param_groups, state_dict)}
         super().load_state_dict(state_dict)
         for p, st in self.state.items():
             cdt = _compute_dtype(p)
@@ -287,38 +299,31 @@ class COSMOS(Optimizer):
         """Raise ``ValueError`` when a saved per-parameter state does not fit its parameter (a
         checkpoint of another model): torch would load it and fail obscurely on the next step.
         Mismatched group or parameter counts are left to torch's own error."""
-        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
-        saved_state = state_dict.get("state", {})
-        if len(groups) != len(saved_groups) or any(len(g["params"]) != len(sg["params"])
-                                                   for g, sg in zip(groups, saved_groups)):
-            return
-        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
-            algorithm = saved.get("algorithm", group["algorithm"])
-            for p, pid in zip(group["params"], saved["params"]):
-                st = saved_state.get(pid)
-                if not st:
-                    continue
-                shape = tuple(p.shape)
-                if algorithm == "cosmos":
-                    m, n = _matrix_shape(p)
-                    U = st.get("U")
-                    r = U.shape[-1] if isinstance(U, Tensor) and U.ndim == 2 else -1
-                    want = {"M": shape, "U": (n, r), "S": (r, r), "V": (m, r)}
-                    if not 0 <= r <= min(m, n):
-                        want["U"] = f"(n, r) = ({n}, r) with r <= min(m, n) = {min(m, n)}"
-                else:
-                    want = {"exp_avg": shape, "exp_avg_sq": shape}
-                for key, expected in want.items():
-                    value = st.get(key)
-                    got = tuple(value.shape) if isinstance(value, Tensor) else None
-                    if got != expected:
-                        found = f"shape {got}" if got is not None else "no such tensor"
-                        raise ValueError(
-                            f"cannot load the optimizer state: parameter {pid} of param group {index} "
-                            f"({algorithm}, parameter shape {shape}) has saved {key!r} of {found}, expected "
-                            f"{expected}; the state was saved for a different model or routing. Nothing "
-                            "was loaded."
-                        )
+        for index, saved, p, pid, st in saved_param_states(self.param_groups, state_dict):
+            if not st:
+                continue
+            algorithm = saved.get("algorithm", self.param_groups[index]["algorithm"])
+            shape = tuple(p.shape)
+            if algorithm == "cosmos":
+                m, n = _matrix_shape(p)
+                U = st.get("U")
+                r = U.shape[-1] if isinstance(U, Tensor) and U.ndim == 2 else -1
+                want = {"M": shape, "U": (n, r), "S": (r, r), "V": (m, r)}
+                if not 0 <= r <= min(m, n):
+                    want["U"] = f"(n, r) = ({n}, r) with r <= min(m, n) = {min(m, n)}"
+            else:
+                want = {"exp_avg": shape, "exp_avg_sq": shape}
+            for key, expected in want.items():
+                value = st.get(key)
+                got = tuple(value.shape) if isinstance(value, Tensor) else None
+                if got != expected:
+                    found = f"shape {got}" if got is not None else "no such tensor"
+                    raise ValueError(
+                        f"cannot load the optimizer state: parameter {pid} of param group {index} "
+                        f"({algorithm}, parameter shape {shape}) has saved {key!r} of {found}, expected "
+                        f"{expected}; the state was saved for a different model or routing. Nothing "
+                        "was loaded."
+                    )
 
     def request_refresh(self, power_iters: Optional[int] = None) -> None:
         """Refresh the basis of every COSMOS matrix on the next step, with ``power_iters`` power

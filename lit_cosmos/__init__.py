@@ -1,8 +1,12 @@
 """lit-cosmos: the COSMOS optimizer for PyTorch, and its PyTorch Lightning integration.
 
-The optimizer, routing helper, refresh schedule, kernels and memory formulas need only torch.
-The Lightning pieces (:class:`CosmosMixin` and the callbacks) are imported on first use, so that
-``from lit_cosmos import COSMOS`` works without Lightning installed.
+Three layers, one folder each:
+
+* :mod:`lit_cosmos.core` (torch only): :class:`COSMOS`, :class:`MuonAdamW`, the routing helper,
+  memory formulas, :class:`RefreshSchedule`, :class:`WarmupCosine` and the kernels.
+* :mod:`lit_cosmos.distributed` (torch only): the seam between the maths and DDP / FSDP2.
+* :mod:`lit_cosmos.lightning`: :class:`CosmosMixin`, :class:`CosmosConfig` and the callbacks,
+  imported on first use, so that ``from lit_cosmos import COSMOS`` works without Lightning.
 """
 
 from __future__ import annotations
@@ -10,25 +14,33 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lit_cosmos.memory import formula_numel, memory_report, optimizer_state_bytes
-from lit_cosmos.optim import COSMOS
-from lit_cosmos.routing import cosmos_param_groups, routing_summary
-from lit_cosmos.schedule import RefreshSchedule
+from lit_cosmos.core import (
+    COSMOS,
+    MuonAdamW,
+    RefreshSchedule,
+    WarmupCosine,
+    cosmos_param_groups,
+    formula_numel,
+    memory_report,
+    optimizer_state_bytes,
+    routing_summary,
+)
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CosmosMixin": "lit_cosmos.mixin",
-    "CosmosConfig": "lit_cosmos.mixin",
-    "MuonAdamW": "lit_cosmos.hybrid",
-    "EigenbasisRefresh": "lit_cosmos.callbacks",
-    "MemoryMonitor": "lit_cosmos.callbacks",
-    "SubspaceMonitor": "lit_cosmos.callbacks",
+    "CosmosMixin": "lit_cosmos.lightning.mixin",
+    "CosmosConfig": "lit_cosmos.lightning.mixin",
+    "EigenbasisRefresh": "lit_cosmos.lightning.callbacks",
+    "MemoryMonitor": "lit_cosmos.lightning.callbacks",
+    "SubspaceMonitor": "lit_cosmos.lightning.callbacks",
 }
 
 __all__ = [
     "COSMOS",
+    "MuonAdamW",
     "RefreshSchedule",
+    "WarmupCosine",
     "cosmos_param_groups",
     "routing_summary",
     "formula_numel",

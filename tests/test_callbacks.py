@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_cosmos import COSMOS, cosmos_param_groups
 from lit_cosmos.callbacks import EigenbasisRefresh, MemoryMonitor, SubspaceMonitor
-from lit_cosmos.callbacks.memory_monitor import memory_figures
-from lit_cosmos.callbacks.subspace_monitor import ns_polar_error
-from lit_cosmos.comm import local_tensor
+from lit_cosmos.lightning.callbacks.memory_monitor import memory_figures
+from lit_cosmos.lightning.callbacks.subspace_monitor import ns_polar_error
+from lit_cosmos.distributed import local_tensor
 from zoo.launch import spawn
 
 RANK = 4
@@ -270,7 +270,7 @@ def test_cosmos_callbacks_warn_and_stand_aside_for_other_optimizers(tmp_path, ca
 def test_two_cosmos_optimizers_are_ambiguous():
     from types import SimpleNamespace
 
-    from lit_cosmos.callbacks.refresh import find_cosmos_optimizer
+    from lit_cosmos.lightning.callbacks.eigenbasis_refresh import find_cosmos_optimizer
 
     opts = [COSMOS([nn.Parameter(torch.zeros(2, 2))]) for _ in range(2)]
     with pytest.raises(MisconfigurationException, match=r"needs exactly one lit_cosmos.COSMOS .* \['COSMOS', 'COSMOS'\]"):

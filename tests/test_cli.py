@@ -323,7 +323,7 @@ def test_causal_lm_unit():
 
 
 def test_default_optimizer_is_cosmos_with_the_schedule_settings():
-    from lit_cosmos.mixin import CosmosConfig
+    from lit_cosmos.lightning.mixin import CosmosConfig
     from zoo.lit_model import cosmos_optimizer
 
     model = CausalLM("debug", warmup_steps=2, min_lr_ratio=0.5)

@@ -299,5 +299,5 @@ def test_row_layout_is_torch_chunk(m, world, want):
 
 
 def test_ddp_split_rejects_dtensors_and_bad_comm():
-    with pytest.raises(ValueError, match="comm must be a lit_cosmos.comm.Comm or one of .* got 'nccl'"):
+    with pytest.raises(ValueError, match="comm must be a lit_cosmos.distributed.Comm or one of .* got 'nccl'"):
         COSMOS([nn.Parameter(torch.randn(3, 3))], comm="nccl")

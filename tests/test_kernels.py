@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lit_cosmos import functional as F
+from lit_cosmos.core import kernels as F
 
 
 def _projector(U: torch.Tensor) -> torch.Tensor:

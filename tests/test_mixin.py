@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_cosmos import COSMOS, CosmosConfig, CosmosMixin, MuonAdamW
-from lit_cosmos.mixin import WarmupCosineLR
+from lit_cosmos.lightning.mixin import WarmupCosineLR
 
 VOCAB, DIM, SEQ = 32, 16, 8
 
@@ -436,7 +436,7 @@ def test_fsdp1_is_refused_with_an_explanation():
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lit_cosmos.mixin import FSDP1_ERROR
+    from lit_cosmos.lightning.mixin import FSDP1_ERROR
 
     model = _model()
     model._trainer = SimpleNamespace(strategy=FSDPStrategy())

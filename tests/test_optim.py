@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lit_cosmos import COSMOS, formula_numel, optimizer_state_bytes
-from lit_cosmos import functional as F
-from lit_cosmos.memory import state_numel
+from lit_cosmos.core import kernels as F
+from lit_cosmos.core.memory import state_numel
 
 
 def _params(*shapes, seed=0, dtype=torch.float32):
@@ -322,7 +322,7 @@ def test_nonfinite_gradient_raises_and_leaves_state_untouched(bad):
 
 
 def test_finite_check_does_not_overflow_on_large_values():
-    from lit_cosmos.comm import LocalComm
+    from lit_cosmos.distributed import LocalComm
 
     big = torch.full((4, 4), 1e30)  # its 2-norm squared overflows float32, its entries do not
     assert LocalComm().all_finite([big, torch.ones(3)])

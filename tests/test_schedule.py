@@ -357,7 +357,7 @@ def test_schedule_imports_without_lightning():
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
         "import torch\n"
-        "import lit_cosmos.schedule\n"
+        "import lit_cosmos.core.refresh\n"
         "from lit_cosmos import COSMOS, RefreshSchedule\n"
         "m = torch.nn.Linear(4, 3); opt = COSMOS(m.parameters(), rank=2)\n"
         "s = RefreshSchedule('constant', interval=2).attach(opt)\n"

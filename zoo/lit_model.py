@@ -44,7 +44,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from lit_cosmos import COSMOS
-from lit_cosmos.mixin import FSDP1_ERROR, CosmosConfig, CosmosMixin, check_strategy
+from lit_cosmos.lightning.mixin import FSDP1_ERROR, CosmosConfig, CosmosMixin, check_strategy
 from zoo.config import Config
 from zoo.model import GPT
 

@@ -5,7 +5,7 @@ Setup: a small byte-level LLaMA from the zoo (by default ``llama-tiny`` cut to 4
 128-token sequences: 0.87M parameters, 4 x 7 weight matrices of 128 x 128 / 352 x 128) trained on
 the text of :class:`zoo.data.TextDataModule` (by default the Python documentation shipped with the
 standard library, 440K train / 23K validation byte tokens) for a fixed number of tokens, with the
-same linear-warmup + cosine schedule (:class:`lit_cosmos.mixin.WarmupCosine`, the one
+same linear-warmup + cosine schedule (:class:`lit_cosmos.WarmupCosine`, the one
 :class:`zoo.lit_model.CausalLM` uses) for every optimizer.
 
 Every candidate gets the same routing, :func:`lit_cosmos.cosmos_param_groups`: the hidden weight
@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_cosmos import COSMOS, MuonAdamW, cosmos_param_groups
-from lit_cosmos.mixin import WarmupCosine
+from lit_cosmos import WarmupCosine
 from zoo.bench import common
 from zoo.config import Config
 from zoo.data import TextDataModule

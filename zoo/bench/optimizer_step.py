@@ -36,7 +36,7 @@ refreshes, and its first step gives the cost of one refresh. Ratios to AdamW and
 round by round and the median reported.
 
 State bytes are measured from ``optimizer.state`` (every tensor, nested ones included, step
-counters left out) and compared with :mod:`lit_cosmos.memory`'s formulas; for COSMOS the two
+counters left out) and compared with :mod:`lit_cosmos.core.memory`'s formulas; for COSMOS the two
 must be equal exactly. The formula ratios of the *full* model are reported too.
 
 Example::

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import AdamW, Optimizer
 
-from lit_cosmos.optim import saved_param_states
+from lit_cosmos.core.cosmos import saved_param_states
 
 __all__ = ["MuonAdamW", "MUON_ALGORITHMS", "ADJUST_LR_FNS"]
 

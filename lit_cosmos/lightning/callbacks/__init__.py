@@ -8,8 +8,8 @@
   Newton-Schulz error, per COSMOS matrix, summarised.
 """
 
-from lit_cosmos.callbacks.memory_monitor import MemoryMonitor
-from lit_cosmos.callbacks.refresh import SCHEDULES, EigenbasisRefresh
-from lit_cosmos.callbacks.subspace_monitor import SubspaceMonitor
+from lit_cosmos.lightning.callbacks.memory_monitor import MemoryMonitor
+from lit_cosmos.lightning.callbacks.eigenbasis_refresh import SCHEDULES, EigenbasisRefresh
+from lit_cosmos.lightning.callbacks.subspace_monitor import SubspaceMonitor
 
 __all__ = ["EigenbasisRefresh", "MemoryMonitor", "SubspaceMonitor", "SCHEDULES"]

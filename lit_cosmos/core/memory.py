@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lit_cosmos.comm import local_tensor
+from lit_cosmos.distributed import local_tensor
 
 __all__ = ["OPTIMIZERS", "state_numel", "formula_numel", "optimizer_state_bytes", "memory_report"]
 

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.hooks import RemovableHandle
 
-from lit_cosmos import functional as F
-from lit_cosmos.comm import local_tensor
-from lit_cosmos.optim import COSMOS
+from lit_cosmos.core import kernels as F
+from lit_cosmos.distributed import is_distributed, local_tensor
+from lit_cosmos.core.cosmos import COSMOS
 
 __all__ = ["RefreshSchedule", "SCHEDULES", "DRIFT_REDUCTIONS"]
 
@@ -428,7 +428,7 @@ class RefreshSchedule:
         only the bases of the matrices it owns, yet the adaptive rule must see all of them and
         decide identically everywhere. A collective, reached on every rank at the same steps."""
         total, count, largest = sum(drifts), len(drifts), max(drifts, default=-1.0)
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not is_distributed():
             return total, count, largest
         device = self._reduce_device()
         sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)

@@ -1,4 +1,4 @@
-"""COSMOS across processes: the FSDP2 and DDP work-split implementations of :class:`Comm`.
+"""COSMOS on FSDP2: the :class:`Comm` for row-sharded DTensor parameters.
 
 FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) hands the optimizer DTensors
 sharded by rows, ``Shard(0)``: rank ``i`` holds rows ``[i c, (i+1) c)`` of every matrix, with
@@ -20,31 +20,20 @@ Frobenius norms                  all-reduce of one scalar per matrix
 so ``M`` and ``V`` stay sharded (``(mn + mr) / P`` per rank) and ``U``, ``S`` are replicated
 (``nr + r^2``). Owners are spread so that every rank orthogonalises about the same amount of
 work (greedy by ``m n min(m, n)``), and the matrices one owner handles are stacked.
-
-DDP gives every rank whole matrices and identical (averaged) gradients, so plain COSMOS is
-already correct there: every rank computes the same update. :class:`DDPWorkSplit` instead lets
-each rank compute only the matrices it owns (balanced by cost), keeps their state only on the
-owner, and broadcasts the new values; ``state_dict()`` consolidates the complete state on every
-rank (a collective: call it on all ranks, as Lightning does), and ``load_state_dict()`` keeps the
-owned part again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lit_cosmos import functional as F
-from lit_cosmos.comm import Comm, _all_finite_local, is_dtensor
+from lit_cosmos.distributed.base import Comm, Orthogonalizer, all_finite_local, is_dtensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lit_cosmos.optim import COSMOS
-
-__all__ = ["FSDPComm", "DDPWorkSplit", "assign_owners", "row_layout"]
+__all__ = ["FSDPComm", "assign_owners", "ns_cost", "row_layout"]
 
 
 def ns_cost(m: int, n: int) -> int:
@@ -130,17 +119,15 @@ class FSDPComm(Comm):
         return t
 
     def all_finite(self, grads: Sequence[Tensor]) -> bool:
-        flag = _all_finite_local(grads).to(torch.float32).reshape(1)
+        flag = all_finite_local(grads).to(torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item() > 0)
 
-    def orthogonalize(
-        self, R: Tensor, steps: int, dtype: torch.dtype, newton_schulz: Callable[..., Tensor] = F.newton_schulz, m: Optional[int] = None
-    ) -> Tensor:
+    def orthogonalize(self, R: Tensor, orthogonalizer: Orthogonalizer, m: Optional[int] = None) -> Tensor:
         if self.world_size == 1:
-            return F.normalized_orthogonal(R, steps, dtype, newton_schulz)
+            return orthogonalizer(R)
         if R.ndim == 2:
-            return self.orthogonalize(R.unsqueeze(0), steps, dtype, newton_schulz, m=m)[0]
+            return self.orthogonalize(R.unsqueeze(0), orthogonalizer, m=m)[0]
         b, m_local, n = R.shape
         P, me = self.world_size, self.rank
         rows = row_layout(m, P)
@@ -163,7 +150,7 @@ class FSDPComm(Comm):
             chunks = None
             if me == owner:
                 full = torch.cat([blk[:, :rows[i]] for i, blk in enumerate(gathered)], dim=1)
-                B = F.normalized_orthogonal(full, steps, dtype, newton_schulz)
+                B = orthogonalizer(full)
                 chunks, start = [], 0
                 for i in range(P):
                     blk = send.new_zeros(len(idx), c, n)
@@ -175,88 +162,5 @@ class FSDPComm(Comm):
             out[idx] = recv[:, :m_local]
         return out
 
-    def after_step(self, optimizer: "COSMOS") -> None:
+    def after_step(self, stepped: Sequence[Tensor]) -> None:
         self._load = None
-
-
-class DDPWorkSplit(Comm):
-    """DDP with the matrix work split across ranks (see the module docstring).
-
-    Every rank must hold the same parameters with the same (averaged) gradients, as under
-    DDP. Each COSMOS matrix is owned by one rank, chosen once by :func:`assign_owners`.
-    """
-
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.group = group
-        self._owner: Optional[dict[int, int]] = None
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size(self.group) if dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group) if dist.is_initialized() else 0
-
-    def _global(self, group_rank: int) -> int:
-        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
-
-    def _matrices(self, optimizer: "COSMOS") -> list[Tensor]:
-        return [p for g in optimizer.param_groups if g["algorithm"] == "cosmos" for p in g["params"]]
-
-    def owners(self, optimizer: "COSMOS") -> dict[int, int]:
-        if self._owner is None:
-            ps = self._matrices(optimizer)
-            costs = [ns_cost(p.shape[0], p.numel() // max(p.shape[0], 1)) for p in ps]
-            self._owner = {id(p): o for p, o in zip(ps, assign_owners(costs, self.world_size))}
-        return self._owner
-
-    def computes(self, optimizer: "COSMOS", p: Tensor) -> bool:
-        return self.owners(optimizer).get(id(p), self.rank) == self.rank
-
-    def after_step(self, optimizer: "COSMOS") -> None:
-        if self.world_size == 1:
-            return
-        owners = self.owners(optimizer)
-        by_owner: dict[int, list[Tensor]] = {}
-        for p in self._matrices(optimizer):
-            if p.grad is not None:
-                by_owner.setdefault(owners[id(p)], []).append(p)
-        for owner in range(self.world_size):
-            ps = by_owner.get(owner, [])
-            if not ps:
-                continue
-            flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            dist.broadcast(flat, src=self._global(owner), group=self.group)
-            if owner != self.rank:
-                torch._foreach_copy_([p.detach() for p in ps], [x.view_as(p) for x, p in zip(flat.split([p.numel() for p in ps]), ps)])
-
-    def consolidate(self, optimizer: "COSMOS") -> None:
-        """Give every rank the complete state of every matrix (a collective)."""
-        if self.world_size == 1:
-            return
-        owners = self.owners(optimizer)
-        for group in optimizer.param_groups:
-            if group["algorithm"] != "cosmos":
-                continue
-            for p in group["params"]:
-                owner = owners[id(p)]
-                st = optimizer.state.get(p, {})
-                has = torch.tensor([1.0 if st else 0.0], device=p.device)
-                dist.broadcast(has, src=self._global(owner), group=self.group)
-                if not has.item():
-                    continue
-                if owner != self.rank:
-                    optimizer._init_cosmos_state(p, st, group["rank"])
-                    optimizer.state[p] = st
-                for key in ("step", "M", "U", "S", "V"):
-                    dist.broadcast(st[key], src=self._global(owner), group=self.group)
-
-    def drop_unowned(self, optimizer: "COSMOS") -> None:
-        """Free the state of matrices this rank does not own."""
-        if self.world_size == 1:
-            return
-        owners = self.owners(optimizer)
-        for p in self._matrices(optimizer):
-            if owners[id(p)] != self.rank:
-                optimizer.state.pop(p, None)

@@ -1,4 +1,10 @@
-"""The COSMOS optimizer (torch only: no Lightning import here)."""
+"""The COSMOS optimizer class (torch only: no Lightning import here).
+
+A thin :class:`torch.optim.Optimizer`: it validates arguments, builds state lazily, buckets the
+matrices and hands stacks of tensors to the functional core, :mod:`lit_cosmos.core.direction`.
+How partial products are summed across processes is the business of the distributed seam
+(:mod:`lit_cosmos.distributed`), which the optimizer calls and which never calls back into it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lit_cosmos import functional as F
-from lit_cosmos.comm import Comm, LocalComm, is_dtensor, local_tensor, resolve_comm
+from lit_cosmos.core import kernels as F
+from lit_cosmos.core.direction import cosmos_direction
+from lit_cosmos.distributed import Comm, is_distributed, is_dtensor, local_tensor, resolve_comm
 
-__all__ = ["COSMOS", "ALGORITHMS", "NS_DTYPES"]
+__all__ = ["COSMOS", "ALGORITHMS", "NS_DTYPES", "saved_param_states"]
 
 ALGORITHMS = ("cosmos", "adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -184,6 +191,7 @@ class COSMOS(Optimizer):
         self._ns = torch.compile(F.newton_schulz, dynamic=None) if compile else F.newton_schulz
         super().__init__(list(params) if not isinstance(params, Tensor) else [params], defaults)
         self._comm = resolve_comm(comm, [p for g in self.param_groups for p in g["params"]])
+        self._bind_comm()
 
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -231,6 +239,8 @@ class COSMOS(Optimizer):
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
         super().add_param_group(group)
+        if "_comm" in self.__dict__:  # a group added after construction
+            self._bind_comm()
 
     #: Settings beyond torch's ``defaults``/``state``/``param_groups`` that copies and pickles keep.
     _PICKLED = ("on_nonfinite", "batch", "last_step_skipped", "_refresh_request", "_adamw_betas", "_compile",
@@ -258,14 +268,26 @@ class COSMOS(Optimizer):
         if "_comm" not in self.__dict__:
             # e.g. "ddp_split" or "auto" (FSDP2 for DTensor parameters), for the copy's parameters
             self._comm = resolve_comm(self._comm_spec, [p for g in self.param_groups for p in g["params"]])
+        self._bind_comm()
+
+    def _bind_comm(self) -> None:
+        """Tell the distributed seam which matrices this optimizer steps (param-group order)."""
+        self._comm.bind([p for g in self.param_groups if g["algorithm"] == "cosmos" for p in g["params"]])
+
+    def _build_state(self, p: Tensor) -> dict[str, Tensor]:
+        """The empty (zero) state of one COSMOS matrix, with the group's rank."""
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        st: dict[str, Tensor] = {}
+        self._init_cosmos_state(p, st, group["rank"])
+        return st
 
     def state_dict(self) -> dict[str, Any]:
         # Under DDP work split the state of a matrix lives on its owner: consolidate first.
-        self._comm.consolidate(self)
+        self._comm.consolidate(self.state, self._build_state)
         try:
             return super().state_dict()
         finally:
-            self._comm.drop_unowned(self)
+            self._comm.drop_unowned(self.state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_loaded_state(state_dict)  # before anything changes: a bad file corrupts nothing
@@ -293,7 +315,7 @@ class COSMOS(Optimizer):
                     st[key] = saved.to(device=value.device, dtype=cdt)  # the unrounded saved values
                 elif value.dtype != cdt:
                     st[key] = value.to(cdt)
-        self._comm.drop_unowned(self)
+        self._comm.drop_unowned(self.state)
 
     def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
         """Raise ``ValueError`` when a saved per-parameter state does not fit its parameter (a
@@ -363,8 +385,7 @@ class COSMOS(Optimizer):
                 if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
                     label = repr(name) if name else f"#{j} of param group {i}"
                     return f" for parameter {label} of shape {tuple(p.shape)}"
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if is_distributed():
             return " on another rank (or a gradient so large that its float32 sum overflows)"
         return " (no entry is NaN/Inf here: a gradient so large that its float32 sum overflows)"
 
@@ -401,7 +422,9 @@ class COSMOS(Optimizer):
                 self._adamw_group(group)
             else:
                 self._cosmos_group(group, request)
-        self._comm.after_step(self)
+        self._comm.after_step(
+            [p for g in self.param_groups if g["algorithm"] == "cosmos" for p in g["params"] if p.grad is not None]
+        )
         return loss
 
     def _adamw_group(self, group: dict) -> None:
@@ -446,7 +469,7 @@ class COSMOS(Optimizer):
     def _cosmos_group(self, group: dict, request: Optional[int]) -> None:
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None or not self._comm.computes(self, p):
+            if p.grad is None or not self._comm.computes(p):
                 continue
             st = self.state[p]
             if not st:
@@ -516,107 +539,6 @@ class COSMOS(Optimizer):
         scale = -group["lr_ratio"] * lr
         for p, d in zip(params, [D] if D.ndim == 2 else D.unbind(0)):
             p.add_(d.view(p.shape).to(p.dtype), alpha=scale)
-
-
-#: Parts of the update below this many machine epsilons of the matrix's norm count as zero.
-_ROUNDOFF = 1000.0
-
-
-def cosmos_direction(
-    G: Tensor,
-    M: Tensor,
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    *,
-    t: int,
-    m: int,
-    n: int,
-    init: bool,
-    refresh: bool,
-    power_iters: int,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    gamma: float,
-    nesterov: bool,
-    ns_steps: int,
-    ns_dtype: torch.dtype,
-    comm: Comm,
-    newton_schulz: Callable[..., Tensor] = F.newton_schulz,
-) -> Tensor:
-    """Functional core of one COSMOS step on a stack of ``b`` matrices (float32).
-
-    Updates the state stacks ``M`` (b, m, n), ``U`` (b, n, r), ``S`` (b, r, r), ``V`` (b, m, r) in
-    place and returns the update direction ``sqrt(mn) * G~ / ||G~||_F`` with per-entry RMS 1.
-    Under FSDP2 the ``m`` rows are this rank's shard; ``m`` and ``n`` are the global sizes, and
-    ``comm`` sums partial products over ranks and orthogonalises residuals on their owners.
-    """
-    M.lerp_(G, 1.0 - beta1)
-    r = U.size(-1)
-    if r > 0:
-        if init:
-            U_new = F.initial_basis(G, r, reduce=comm.all_reduce)
-            U_new = comm.replicate(U_new)
-            GU = G @ U_new
-            S_new = (1.0 - beta2) * comm.all_reduce(GU.mT @ GU)
-            U.copy_(U_new)
-            S.copy_(S_new)
-        elif refresh:
-            U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce)
-            U.copy_(comm.replicate(U_new))
-            S.copy_(S_new)
-        else:
-            GU = G @ U
-            S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
-        V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
-
-    if nesterov:
-        X = torch.lerp(G, M, beta1).div_(1.0 - beta1 ** (t + 1))
-    else:
-        X = M / (1.0 - beta1**t)
-    scale = math.sqrt(m * n)
-    keep_residual = None
-    if r > 0:
-        Y = X @ U
-        R = F.addmm(X, Y, U.mT, alpha=-1.0)  # X - Y U^T, orthogonal to U
-        # Parts at roundoff level of the whole matrix are zeros in exact arithmetic, and must stay
-        # zeros: Newton-Schulz would blow a roundoff residual up to a unit-norm noise matrix, and
-        # Adam would divide roundoff by roundoff along directions of U that carry no energy. Both
-        # happen whenever the gradient's rank is <= r (a 1 x n matrix, a batch smaller than r).
-        # ||X||^2 = sum of Y's column energies + ||R||^2 (R is orthogonal to U): one reduction.
-        energies = comm.all_reduce(torch.cat([Y.square().sum(dim=-2, keepdim=True),
-                                              torch.linalg.matrix_norm(R, keepdim=True).square()], dim=-1))
-        floor = energies.sum(dim=-1, keepdim=True).mul_((_ROUNDOFF * torch.finfo(X.dtype).eps) ** 2)
-        keep_residual = energies[..., -1:] > floor  # (b, 1, 1)
-        Yd = Y.div_((V / (1.0 - beta2**t)).sqrt_().add_(eps))  # A = Yd U^T
-        Yd.mul_(energies[..., :-1] > floor)
-    else:
-        R = X
-    if r == n:
-        # span(U) is all of R^n: R is zero but for roundoff, which the normalisation in
-        # orthogonalize would blow up to a unit-norm noise matrix.
-        Gt = Yd @ U.mT
-    else:
-        B = comm.orthogonalize(R, ns_steps, ns_dtype, newton_schulz, m=m)  # ||B||_F = 1
-        if keep_residual is not None:
-            B.mul_(keep_residual)
-        if r == 0:
-            Gt = B.mul_(gamma * scale)
-        elif ns_dtype != G.dtype:
-            # In exact arithmetic NS5(R) has the row space of R, orthogonal to U. Low-precision
-            # NS amplifies rounding noise in R's r null directions by about a^5 ~ 500 to O(1);
-            # we project it out and renormalise (a no-op at full precision), without forming
-            # the projection: ||B - B U U^T||^2 = ||B||^2 - ||B U||^2 = 1 - ||B U||^2, and
-            # A + c (B - B U U^T) = c B + (Yd - c B U) U^T.
-            BU = B @ U
-            inside = comm.all_reduce(torch.linalg.matrix_norm(BU, keepdim=True).square_())
-            c = (gamma * scale) / (1.0 - inside).clamp_min(1e-30).sqrt_()
-            Gt = F.addmm(B.mul_(c), Yd.sub_(BU.mul_(c)), U.mT)
-        else:
-            Gt = F.addmm(B.mul_(gamma * scale), Yd, U.mT)
-    norm = comm.all_reduce(torch.linalg.matrix_norm(Gt, keepdim=True).square_()).sqrt_()
-    return Gt.mul_(scale / norm.clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------------- validation

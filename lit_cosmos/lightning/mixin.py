@@ -88,8 +88,9 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from lit_cosmos.optim import COSMOS
-from lit_cosmos.routing import DEFAULT_HEAD_NAMES, cosmos_param_groups, routing_summary
+from lit_cosmos.core.cosmos import COSMOS
+from lit_cosmos.core.lr_schedule import WarmupCosine
+from lit_cosmos.core.routing import DEFAULT_HEAD_NAMES, cosmos_param_groups, routing_summary
 
 __all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine", "WarmupCosineLR", "FSDP1_ERROR", "check_strategy"]
 
@@ -215,23 +216,6 @@ class CosmosConfig:
                 "of the schedule"
             )
         return warmup
-
-
-@dataclass
-class WarmupCosine:
-    """``LambdaLR`` factor: linear warmup over ``warmup_steps``, cosine to ``min_lr_ratio`` at
-    ``total_steps`` (formula in the module docstring). A callable object, not a closure, so
-    ``LambdaLR.state_dict`` saves its fields with the checkpoint."""
-
-    warmup_steps: int
-    total_steps: int
-    min_lr_ratio: float
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class WarmupCosineLR(LambdaLR):

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lit_cosmos.optim import COSMOS
-from lit_cosmos.schedule import SCHEDULES, RefreshSchedule
+from lit_cosmos.core.cosmos import COSMOS
+from lit_cosmos.core.refresh import SCHEDULES, RefreshSchedule
 
 __all__ = ["EigenbasisRefresh", "SCHEDULES"]
 

@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lit_cosmos.memory import OPTIMIZERS, memory_report, optimizer_state_bytes
+from lit_cosmos.core.memory import OPTIMIZERS, memory_report, optimizer_state_bytes
+from lit_cosmos.distributed import is_distributed
 
 __all__ = ["MemoryMonitor", "formula_groups", "memory_figures"]
 
@@ -186,7 +187,7 @@ def memory_figures(
     ]
     held_all = torch.tensor([float(held)], dtype=torch.float64, device=device)
     model = torch.tensor(per_param or [0.0], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(held_all, op=dist.ReduceOp.SUM)
         dist.all_reduce(model, op=dist.ReduceOp.MAX)
     model_bytes = float(model.sum())

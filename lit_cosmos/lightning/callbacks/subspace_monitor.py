@@ -23,10 +23,10 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lit_cosmos import functional as F
-from lit_cosmos.comm import is_dtensor, local_tensor
-from lit_cosmos.callbacks.refresh import find_cosmos_optimizer
-from lit_cosmos.optim import COSMOS, NS_DTYPES
+from lit_cosmos.core import kernels as F
+from lit_cosmos.distributed import is_distributed, is_dtensor, local_tensor
+from lit_cosmos.lightning.callbacks.eigenbasis_refresh import find_cosmos_optimizer
+from lit_cosmos.core.cosmos import COSMOS, NS_DTYPES
 
 __all__ = ["SubspaceMonitor", "ns_polar_error"]
 
@@ -211,7 +211,7 @@ class SubspaceMonitor(Callback):
                     values["update_rms_ratio"][name] = rms / target
             if self.ns_error and st["U"].shape[-1] < st["U"].shape[-2]:  # r = n: no Newton-Schulz part
                 values["ns_error"][name] = _residual_ns_error(group, p, st)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             # Under DDP work split a matrix's state lives on its owner only: merge all ranks'
             # layers (under plain DDP and FSDP2 every rank has the same values already).
             gathered: list[Any] = [None] * dist.get_world_size()

@@ -301,3 +301,81 @@ def test_row_layout_is_torch_chunk(m, world, want):
 def test_ddp_split_rejects_dtensors_and_bad_comm():
     with pytest.raises(ValueError, match="comm must be a lit_cosmos.distributed.Comm or one of .* got 'nccl'"):
         COSMOS([nn.Parameter(torch.randn(3, 3))], comm="nccl")
+
+
+# ---------------------------------------------------------------------------- expert stacks
+# (3, 4, 5): experts 2 + 1; (1, 4, 6): rank 1 holds no expert; (2, 6, 3): rank clipped by n.
+STACKS = [(3, 4, 5), (1, 4, 6), (2, 6, 3)]
+STACK_KW = dict(lr=3e-2, rank=2, ns_dtype="float32", weight_decay=0.1, update_interval=2)
+
+
+def _stack_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in STACKS + [(6, 5)]]
+
+
+def _stack_groups(params):
+    return [{"params": params[:-1], "algorithm": "cosmos", "matrix_layout": "stack"},
+            {"params": params[-1:], "algorithm": "cosmos"}]
+
+
+def _stack_reference(steps):
+    params = [nn.Parameter(t.clone()) for t in _stack_tensors(0)]
+    opt = COSMOS(_stack_groups(params), **STACK_KW)
+    for s in range(steps):
+        for p, g in zip(params, _stack_tensors(100 + s)):
+            p.grad = g
+        opt.step()
+    return params
+
+
+def _stack_worker(rank, world, port):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _init(rank, world, port)
+    steps = 5
+    ref = _stack_reference(steps)
+    # FSDP2 shards a stack on its expert dimension: each rank steps whole local experts, and
+    # their bases (U, S) are sharded with them. float64: the twin differs by roundoff only.
+    mesh = init_device_mesh("cpu", (world,))
+    params = [nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in _stack_tensors(0)]
+    opt = COSMOS(_stack_groups(params), batch=True, **STACK_KW)
+    for s in range(steps):
+        for p, g in zip(params, _stack_tensors(100 + s)):
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.full_tensor(), q.detach(), atol=1e-10, rtol=0)
+    for p, (E, m, n) in zip(params[:-1], STACKS):
+        r = min(STACK_KW["rank"], m, n)
+        local_e = len(torch.arange(E).chunk(world)[rank]) if rank < len(torch.arange(E).chunk(world)) else 0
+        local = {k: v.to_local() for k, v in opt.state[p].items() if k != "step"}
+        assert {k: tuple(v.shape) for k, v in local.items()} == {
+            "M": (local_e, m, n), "U": (local_e, n, r), "S": (local_e, r, r), "V": (local_e, m, r)}
+    # The FSDP2 seam cannot take a weight whose matrix rows are not dim 0.
+    t = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
+    for extra in ({"matrix_layout": "transposed"}, {"split": 2}):
+        try:
+            COSMOS([{"params": [t], "algorithm": "cosmos", **extra}])
+        except ValueError as e:
+            assert "fully_shard shards dim 0, which is not the rows of its matrix view" in str(e), str(e)
+        else:
+            raise AssertionError(f"{extra} was accepted for a DTensor")
+
+    # DDP work split: a stack is one unit of work, owned by one rank.
+    params = [nn.Parameter(t.clone()) for t in _stack_tensors(0)]
+    opt = COSMOS(_stack_groups(params), comm="ddp_split", **STACK_KW)
+    for s in range(steps):
+        for p, g in zip(params, _stack_tensors(100 + s)):
+            p.grad = g.clone()
+        opt.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-10, rtol=0)
+    assert 0 < len(opt.state) < len(params)
+    assert len(opt.state_dict()["state"]) == len(params)
+    dist.destroy_process_group()
+
+
+def test_expert_stacks_under_fsdp2_and_ddp_split_equal_one_process():
+    _spawn(_stack_worker)

@@ -19,7 +19,8 @@ from torch.optim import Optimizer
 
 from lit_cosmos.core import kernels as F
 from lit_cosmos.core.direction import cosmos_direction
-from lit_cosmos.distributed import Comm, is_distributed, is_dtensor, local_tensor, resolve_comm
+from lit_cosmos.core.matrices import DEFAULT_RANK, MatrixView, group_view
+from lit_cosmos.distributed import Comm, LocalComm, is_distributed, is_dtensor, local_tensor, resolve_comm
 
 __all__ = ["COSMOS", "ALGORITHMS", "NS_DTYPES", "saved_param_states"]
 
@@ -49,11 +50,6 @@ def saved_param_states(param_groups: list[dict], state_dict: dict[str, Any]) -> 
 def _compute_dtype(p: Tensor) -> torch.dtype:
     """float32 maths for every parameter dtype, float64 for float64 parameters."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _matrix_shape(p: Tensor) -> tuple[int, int]:
-    """The (out, in) matrix COSMOS sees: a >2-D weight is flattened to (shape[0], rest)."""
-    return p.shape[0], math.prod(p.shape[1:])
 
 
 class COSMOS(Optimizer):
@@ -145,7 +141,7 @@ class COSMOS(Optimizer):
         lr: float = 2e-3,
         lr_ratio: float = 0.2,
         betas: tuple[float, float] = (0.95, 0.95),
-        rank: int = 64,
+        rank: int = DEFAULT_RANK,
         gamma: float = 0.2,
         eps: float = 1e-8,
         weight_decay: float = 0.1,
@@ -230,11 +226,19 @@ class COSMOS(Optimizer):
         if alg == "cosmos":
             for item in items:
                 name, p = item if isinstance(item, tuple) else (None, item)
+                label = f"{name!r} " if name else ""
                 if p.ndim < 2:
-                    label = f"{name!r} " if name else ""
                     raise ValueError(
                         f"COSMOS needs matrices: parameter {label}of shape {tuple(p.shape)} is in an "
                         "algorithm='cosmos' group; put it in an algorithm='adamw' group"
+                    )
+                view = group_view(group, p)
+                if is_dtensor(p) and (view.layout == "transposed" or len(view.parts) > 1):
+                    what = "matrix_layout='transposed'" if view.layout == "transposed" else f"split={group['split']!r}"
+                    raise ValueError(
+                        f"COSMOS cannot take the FSDP2 (DTensor) parameter {label}of shape {tuple(p.shape)} with "
+                        f"{what}: fully_shard shards dim 0, which is not the rows of its matrix view "
+                        f"({view.describe()}). Under FSDP2 use nn.Linear-layout weights without split, or DDP"
                     )
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
@@ -272,13 +276,14 @@ class COSMOS(Optimizer):
 
     def _bind_comm(self) -> None:
         """Tell the distributed seam which matrices this optimizer steps (param-group order)."""
-        self._comm.bind([p for g in self.param_groups if g["algorithm"] == "cosmos" for p in g["params"]])
+        pairs = [(g, p) for g in self.param_groups if g["algorithm"] == "cosmos" for p in g["params"]]
+        self._comm.bind([p for _, p in pairs], [group_view(g, p).ns_cost() for g, p in pairs])
 
     def _build_state(self, p: Tensor) -> dict[str, Tensor]:
-        """The empty (zero) state of one COSMOS matrix, with the group's rank."""
+        """The empty (zero) state of one COSMOS matrix, with its group's layout and rank."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         st: dict[str, Tensor] = {}
-        self._init_cosmos_state(p, st, group["rank"])
+        self._init_cosmos_state(p, st, group_view(group, p), group["rank"])
         return st
 
     def state_dict(self) -> dict[str, Any]:
@@ -327,12 +332,15 @@ class COSMOS(Optimizer):
             algorithm = saved.get("algorithm", self.param_groups[index]["algorithm"])
             shape = tuple(p.shape)
             if algorithm == "cosmos":
-                m, n = _matrix_shape(p)
+                view = group_view(self.param_groups[index], p)
                 U = st.get("U")
-                r = U.shape[-1] if isinstance(U, Tensor) and U.ndim == 2 else -1
-                want = {"M": shape, "U": (n, r), "S": (r, r), "V": (m, r)}
-                if not 0 <= r <= min(m, n):
-                    want["U"] = f"(n, r) = ({n}, r) with r <= min(m, n) = {min(m, n)}"
+                r = U.shape[-1] if isinstance(U, Tensor) and U.ndim >= 2 else -1
+                want: dict[str, Any] = view.state_shapes(r)
+                largest = view.rank(view.n)  # min(n, rows of every part)
+                if not 0 <= r <= largest:
+                    lead = ", ".join(map(str, view.state_shapes(0)["U"][:-1]))
+                    name = "(n, r)" if len(view.state_shapes(0)["U"]) == 2 else "U"
+                    want["U"] = f"{name} = ({lead}, r) with r <= min(m, n) = {largest}"
             else:
                 want = {"exp_avg": shape, "exp_avg_sq": shape}
             for key, expected in want.items():
@@ -405,6 +413,7 @@ class COSMOS(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"COSMOS does not support sparse gradients (parameter of shape {tuple(p.shape)})")
                 grads.append(local_tensor(p.grad))
+        self._check_views()
         if self.on_nonfinite != "off" and grads and not self._comm.all_finite(grads):
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(
@@ -426,6 +435,29 @@ class COSMOS(Optimizer):
             [p for g in self.param_groups if g["algorithm"] == "cosmos" for p in g["params"] if p.grad is not None]
         )
         return loss
+
+    def _check_views(self) -> None:
+        """Before anything changes: every COSMOS matrix's ``matrix_layout`` / ``split`` fits it
+        and its existing state (a group edited after the first step would misread the state)."""
+        for group in self.param_groups:
+            if group["algorithm"] != "cosmos":
+                continue
+            for p in group["params"]:
+                st = self.state.get(p)
+                if p.grad is None or not st:
+                    continue
+                view = group_view(group, p)
+                r = st["U"].shape[-1]
+                want = view.state_shapes(r)
+                for key in ("U", "V"):
+                    if tuple(st[key].shape) != want[key]:
+                        raise ValueError(
+                            f"param group {group.get('name', self.param_groups.index(group))!r} now sees the parameter "
+                            f"of shape {tuple(p.shape)} as {view.describe() or view.layout} (matrix_layout="
+                            f"{group.get('matrix_layout', 'auto')!r}, split={group.get('split')!r}), which needs "
+                            f"{key} of shape {want[key]}, but its state holds {tuple(st[key].shape)}: a matrix's "
+                            "layout and split are fixed at its first step. Nothing was changed."
+                        )
 
     def _adamw_group(self, group: dict) -> None:
         beta1, beta2 = group["betas"]
@@ -467,78 +499,178 @@ class COSMOS(Optimizer):
                     p.add_(u.to(dtype), alpha=-step_size)
 
     def _cosmos_group(self, group: dict, request: Optional[int]) -> None:
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+        # Bucket the matrices of every parameter: a parameter contributes one "slot" per matrix
+        # (experts of a stack, parts of a split weight); slots of the same shape, rank, device,
+        # dtype and step share a bucket (one bucket per parameter on CPUs, see ``batch``).
+        buckets: dict[tuple, list[_Slots]] = defaultdict(list)
+        pending: dict[int, _Pending] = {}
         for p in group["params"]:
             if p.grad is None or not self._comm.computes(p):
                 continue
+            view = group_view(group, p)
             st = self.state[p]
             if not st:
-                self._init_cosmos_state(p, st, group["rank"])
-            m, n = _matrix_shape(p)
+                self._init_cosmos_state(p, st, view, group["rank"])
+            r = st["U"].shape[-1]
+            local = local_tensor(p)
+            sharded_rows = is_dtensor(p) and view.layout != "stack"
+            m_local = local.shape[0] if sharded_rows else view.m
             batch = self.batch if self.batch is not None else p.device.type != "cpu"
-            key = (m, n, local_tensor(p).shape, st["U"].shape[-1], p.device, p.dtype, float(st["step"]), None if batch else id(p))
-            buckets[key].append(p)
-        for (m, n, _, r, _, _, step, _), ps in buckets.items():
-            self._cosmos_bucket(group, ps, m, n, r, int(step), request)
+            runs = _part_runs(view.parts)
+            pending[id(p)] = _Pending(p, view, len(runs))
+            for first, count, rows in runs:
+                key = (rows, m_local if sharded_rows else rows, view.n, r, sharded_rows, p.device, p.dtype,
+                       float(st["step"]), None if batch else id(p))
+                buckets[key].append(_Slots(p, view, first, count))
+        lr = group["lr"]
+        for (rows, m_local, n, r, sharded_rows, _, _, step, _), slots in buckets.items():
+            comm = self._comm if sharded_rows else _LOCAL
+            directions = self._cosmos_bucket(group, slots, rows, m_local, n, r, int(step), request, comm)
+            for slot, D in zip(slots, directions):
+                entry = pending[id(slot.p)]
+                entry.parts[slot.first] = D
+                if len(entry.parts) == entry.runs:
+                    self._apply(entry, lr, group["weight_decay"], group["lr_ratio"])
+        for p in group["params"]:
+            if id(p) in pending:
+                self.state[p]["step"].add_(1)
+
+    def _apply(self, entry: "_Pending", lr: float, weight_decay: float, lr_ratio: float) -> None:
+        """``W <- W (1 - lr wd) - lr_ratio lr D`` for one parameter, once all its parts are computed."""
+        view, p = entry.view, local_tensor(entry.p)
+        if p.numel() == 0:
+            return
+        batch = p.shape[0] if view.layout == "stack" else 1
+        # Each run of parts is (batch * count, rows, n): back to (batch, count * rows, n), rows in order.
+        runs = [entry.parts[k].reshape(batch, -1, view.n) for k in sorted(entry.parts)]
+        D = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-2)
+        if weight_decay != 0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(view.from_matrices(D, p.shape).to(p.dtype), alpha=-lr_ratio * lr)
 
     @staticmethod
-    def _init_cosmos_state(p: Tensor, st: dict, rank: int) -> None:
-        m, n = _matrix_shape(p)
-        r = min(rank, m, n)
-        kw = dict(dtype=_compute_dtype(p), device=p.device)
+    def _init_cosmos_state(p: Tensor, st: dict, view: MatrixView, rank: int) -> None:
+        r = view.rank(rank)
+        shapes = view.state_shapes(r)
+        cdt = _compute_dtype(p)
         st["step"] = torch.zeros((), dtype=torch.float32)
-        # M and V follow the parameter's layout (sharded by rows under FSDP2); U and S are small
-        # and replicated.
-        st["M"] = torch.zeros_like(p, dtype=kw["dtype"], memory_format=torch.contiguous_format)
-        st["U"] = torch.zeros(n, r, **kw)
-        st["S"] = torch.zeros(r, r, **kw)
-        st["V"] = _zeros_rows_like(p, r) if is_dtensor(p) else torch.zeros(m, r, **kw)
+        # M and V follow the parameter's layout (sharded by rows, or by experts, under FSDP2);
+        # U and S are small and replicated, except for expert stacks, whose bases are per expert.
+        st["M"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
+        for key in ("U", "S", "V"):
+            sharded = is_dtensor(p) and (key == "V" or view.layout == "stack")
+            st[key] = _zeros_sharded_like(p, shapes[key], cdt) if sharded else torch.zeros(
+                shapes[key], dtype=cdt, device=p.device)
 
     def _cosmos_bucket(
-        self, group: dict, ps: list[Tensor], m: int, n: int, r: int, step: int, request: Optional[int]
-    ) -> None:
+        self, group: dict, slots: list["_Slots"], m: int, m_local: int, n: int, r: int, step: int,
+        request: Optional[int], comm: Comm,
+    ) -> list[Tensor]:
+        """One COSMOS step on the matrices of ``slots`` (all ``m x n``, rank ``r``, the same step);
+        returns each slot's direction, ``(count, rows, n)``."""
         beta1, beta2 = group["betas"]
         t = step + 1
         interval = group["update_interval"]
         init = step == 0
         refresh = not init and (request is not None or (interval > 0 and t % interval == 0))
         power_iters = request or group["power_iters"]
-        states = [self.state[p] for p in ps]
-        m_local = local_tensor(ps[0]).shape[0]
+        cdt = _compute_dtype(slots[0].p)
 
-        def stacked(key: str, shape: tuple[int, ...]) -> Tensor:
-            ts = [local_tensor(st[key]).view(shape) for st in states]
-            return ts[0] if len(ts) == 1 else torch.stack(ts)  # one matrix: in place, 2-D
-
-        # G is read-only here: .float() may alias p.grad, and p.grad must never change.
-        cdt = _compute_dtype(ps[0])
-        Gs = [local_tensor(p.grad).reshape(m_local, n).to(cdt) for p in ps]
-        G = Gs[0] if len(Gs) == 1 else torch.stack(Gs)
-        M = stacked("M", (m_local, n))
-        U = stacked("U", (n, r))
-        S = stacked("S", (r, r))
-        V = stacked("V", (m_local, r))
+        # The state of each slot as (count, rows, n) / (count, n, r) / (count, r, r) / (count, rows, r)
+        # views, and the gradient (read-only: .to() may alias p.grad, which must never change).
+        views = [_slot_views(self.state[s.p], s, r, cdt) for s in slots]
+        if sum(v["G"].shape[0] for v in views) == 0:
+            return [v["G"] for v in views]  # no local matrix (experts sharded to other ranks)
+        if len(views) == 1:
+            stacks = views[0]
+            if stacks["G"].shape[0] == 1:  # one matrix: 2-D maths, in place
+                stacks = {k: x[0] for k, x in stacks.items()}
+        else:
+            stacks = {k: torch.cat([v[k] for v in views]) for k in views[0]}
         D = cosmos_direction(
-            G, M, U, S, V, t=t, m=m, n=n, init=init, refresh=refresh, power_iters=power_iters,
-            beta1=beta1, beta2=beta2, eps=group["eps"], gamma=group["gamma"],
-            nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-            ns_dtype=cdt if group["ns_dtype"] == "float32" else NS_DTYPES[group["ns_dtype"]], comm=self._comm, newton_schulz=self._ns,
+            stacks["G"], stacks["M"], stacks["U"], stacks["S"], stacks["V"], t=t, m=m, n=n, init=init,
+            refresh=refresh, power_iters=power_iters, beta1=beta1, beta2=beta2, eps=group["eps"],
+            gamma=group["gamma"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
+            ns_dtype=resolve_ns_dtype(group["ns_dtype"], cdt), comm=comm, newton_schulz=self._ns,
         )
-        if len(ps) > 1:
-            # Write the stacked state back into each matrix's own contiguous tensors.
-            for key, stack in (("M", M), ("U", U), ("S", S), ("V", V)):
-                dst = [local_tensor(st[key]) for st in states]
-                torch._foreach_copy_(dst, [x.view_as(d) for x, d in zip(stack.unbind(0), dst)])
-        for st in states:
-            st["step"].fill_(t)
+        if D.ndim == 2:
+            D = D.unsqueeze(0)
+        if len(views) > 1:
+            # Write the stacked state back into each slot's own tensors.
+            for key in ("M", "U", "S", "V"):
+                dst = [v[key] for v in views]
+                torch._foreach_copy_(dst, list(stacks[key].split([d.shape[0] for d in dst])))
+        return list(D.split([v["G"].shape[0] for v in views]))
 
-        lr = group["lr"]
-        params = [local_tensor(p) for p in ps]
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-        scale = -group["lr_ratio"] * lr
-        for p, d in zip(params, [D] if D.ndim == 2 else D.unbind(0)):
-            p.add_(d.view(p.shape).to(p.dtype), alpha=scale)
+
+_LOCAL = LocalComm()
+
+
+class _Slots:
+    """Consecutive equal parts ``first .. first + count - 1`` of every matrix of parameter ``p``."""
+
+    __slots__ = ("p", "view", "first", "count")
+
+    def __init__(self, p: Tensor, view: MatrixView, first: int, count: int) -> None:
+        self.p, self.view, self.first, self.count = p, view, first, count
+
+
+class _Pending:
+    """A parameter whose parts are being computed: its directions by first part index."""
+
+    __slots__ = ("p", "view", "runs", "parts")
+
+    def __init__(self, p: Tensor, view: MatrixView, runs: int) -> None:
+        self.p, self.view, self.runs = p, view, runs
+        self.parts: dict[int, Tensor] = {}
+
+
+def _part_runs(parts: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive equal parts: ``(first index, count, rows)``. A run is one
+    contiguous block of rows, so its matrices are views of the parameter-shaped tensors."""
+    runs: list[tuple[int, int, int]] = []
+    for i, rows in enumerate(parts):
+        if runs and runs[-1][2] == rows:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, rows)
+        else:
+            runs.append((i, 1, rows))
+    return runs
+
+
+def _slot_views(st: dict, slot: _Slots, r: int, cdt: torch.dtype) -> dict[str, Tensor]:
+    """Views of a slot's gradient and state: ``G``, ``M`` ``(b, rows, n)``, ``U`` ``(b, n, r)``,
+    ``S`` ``(b, r, r)``, ``V`` ``(b, rows, r)`` with ``b = batch * count`` (``batch``: the local
+    experts of a stack, else 1). In-place updates of ``M``, ``U``, ``S``, ``V`` reach the state."""
+    view, p = slot.view, slot.p
+    k, n = len(view.parts), view.n
+    rows = view.parts[slot.first]
+    start = view.offsets[slot.first]
+    stop = start + rows * slot.count
+    local_p = local_tensor(p)
+    batch = local_p.shape[0] if view.layout == "stack" else 1
+
+    def rows_of(t: Tensor, cols: int) -> Tensor:  # (batch, m, cols) -> (batch * count, rows, cols)
+        if k == 1:  # whole matrices (also this rank's rows of a row-sharded one)
+            return t
+        return t[:, start:stop].reshape(batch * slot.count, rows, cols)
+
+    def per_part(t: Tensor, tail: tuple[int, ...]) -> Tensor:  # -> this slot's parts, (batch * count, *tail)
+        return t.reshape(batch, k, *tail)[:, slot.first:slot.first + slot.count].reshape(batch * slot.count, *tail)
+
+    return {
+        "G": rows_of(view.matrices(local_tensor(p.grad)), n).to(cdt),
+        "M": rows_of(view.matrices(local_tensor(st["M"])), n),
+        "U": per_part(local_tensor(st["U"]), (n, r)),
+        "S": per_part(local_tensor(st["S"]), (r, r)),
+        "V": rows_of(local_tensor(st["V"]).reshape(batch, local_tensor(st["V"]).shape[-2], r), r),
+    }
+
+
+def resolve_ns_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The Newton-Schulz dtype of a group's ``ns_dtype``: ``"float32"`` means full precision,
+    i.e. the compute dtype (float64 for float64 parameters)."""
+    return compute_dtype if name == "float32" else NS_DTYPES[name]
 
 
 # ---------------------------------------------------------------------- validation
@@ -572,10 +704,12 @@ def _validate(group: dict, where: str) -> None:
         raise bad("nesterov", "must be a bool")
 
 
-def _zeros_rows_like(p: Tensor, cols: int) -> Tensor:
-    """A float32 (m, cols) DTensor with the parameter's row sharding (for V under FSDP2)."""
+def _zeros_sharded_like(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero DTensor of global ``shape`` sharded on dim 0 like ``p`` (``shape[0] == p.shape[0]``:
+    the rows of a matrix, or the experts of a stack)."""
     from torch.distributed.tensor import DTensor
 
-    local = torch.zeros(p.to_local().shape[0], cols, dtype=torch.float32, device=p.to_local().device)
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=(p.shape[0], cols),
-                              stride=(cols, 1))
+    local = torch.zeros(p.to_local().shape[0], *shape[1:], dtype=dtype, device=p.to_local().device)
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)

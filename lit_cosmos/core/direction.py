@@ -18,70 +18,80 @@ from torch import Tensor
 from lit_cosmos.core import kernels as F
 from lit_cosmos.distributed import Comm
 
-__all__ = ["cosmos_direction"]
+__all__ = ["combine", "cosmos_direction", "momentum_estimate", "update_subspace"]
 
 #: Parts of the update below this many machine epsilons of the matrix's norm count as zero.
 _ROUNDOFF = 1000.0
 
 
-def cosmos_direction(
+def momentum_estimate(G: Tensor, M: Tensor, *, t: int, beta1: float, nesterov: bool) -> Tensor:
+    r"""The bias-corrected momentum ``X`` that COSMOS splits, after ``M`` took step ``t``:
+    :math:`((1-\beta_1) G + \beta_1 M) / (1-\beta_1^{t+1})` (Nesterov) or
+    :math:`M / (1-\beta_1^t)`. A new tensor."""
+    if nesterov:
+        return torch.lerp(G, M, beta1).div_(1.0 - beta1 ** (t + 1))
+    return M / (1.0 - beta1**t)
+
+
+def update_subspace(
     G: Tensor,
-    M: Tensor,
     U: Tensor,
     S: Tensor,
+    V: Tensor,
+    *,
+    init: bool,
+    refresh: bool,
+    power_iters: int,
+    beta2: float,
+    comm: Comm,
+) -> None:
+    """The subspace half of a step, in place: the first basis (``init``), a power-iteration
+    refresh (``refresh``) or plain accumulation of ``S`` in the current basis; then ``V``.
+
+    ``U`` (b, n, r), ``S`` (b, r, r) and ``V`` (b, m, r) are updated; ``G`` (b, m, n) is read.
+    """
+    r = U.size(-1)
+    if r == 0:
+        return
+    if init:
+        U_new = comm.replicate(F.initial_basis(G, r, reduce=comm.all_reduce))
+        GU = G @ U_new
+        S_new = (1.0 - beta2) * comm.all_reduce(GU.mT @ GU)
+        U.copy_(U_new)
+        S.copy_(S_new)
+    elif refresh:
+        U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce)
+        U.copy_(comm.replicate(U_new))
+        S.copy_(S_new)
+    else:
+        GU = G @ U
+        S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
+    V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
+
+
+def combine(
+    X: Tensor,
+    U: Tensor,
     V: Tensor,
     *,
     t: int,
     m: int,
     n: int,
-    init: bool,
-    refresh: bool,
-    power_iters: int,
-    beta1: float,
     beta2: float,
     eps: float,
     gamma: float,
-    nesterov: bool,
     ns_steps: int,
     ns_dtype: torch.dtype,
     comm: Comm,
     newton_schulz: Callable[..., Tensor] = F.newton_schulz,
 ) -> Tensor:
-    """Functional core of one COSMOS step on a stack of ``b`` matrices (float32).
-
-    Updates the state stacks ``M`` (b, m, n), ``U`` (b, n, r), ``S`` (b, r, r), ``V`` (b, m, r) in
-    place and returns the update direction ``sqrt(mn) * G~ / ||G~||_F`` with per-entry RMS 1.
-    Under FSDP2 the ``m`` rows are this rank's shard; ``m`` and ``n`` are the global sizes, and
-    ``comm`` sums partial products over ranks and orthogonalises residuals on their owners.
-    """
-    M.lerp_(G, 1.0 - beta1)
-    r = U.size(-1)
-    if r > 0:
-        if init:
-            U_new = F.initial_basis(G, r, reduce=comm.all_reduce)
-            U_new = comm.replicate(U_new)
-            GU = G @ U_new
-            S_new = (1.0 - beta2) * comm.all_reduce(GU.mT @ GU)
-            U.copy_(U_new)
-            S.copy_(S_new)
-        elif refresh:
-            U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce)
-            U.copy_(comm.replicate(U_new))
-            S.copy_(S_new)
-        else:
-            GU = G @ U
-            S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
-        V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
-
-    if nesterov:
-        X = torch.lerp(G, M, beta1).div_(1.0 - beta1 ** (t + 1))
-    else:
-        X = M / (1.0 - beta1**t)
+    """The combination half of a step: Adam on ``X``'s coordinates in ``span(U)``, Newton-Schulz
+    on the residual, ``A + gamma sqrt(mn) B`` rescaled to per-entry RMS 1. ``X`` is consumed."""
     scale = math.sqrt(m * n)
+    r = U.size(-1)
     keep_residual = None
     if r > 0:
-        Y = X @ U
-        R = F.addmm(X, Y, U.mT, alpha=-1.0)  # X - Y U^T, orthogonal to U
+        Y, R = F.project(X, U)  # R = X - Y U^T, orthogonal to U
         # Parts at roundoff level of the whole matrix are zeros in exact arithmetic, and must stay
         # zeros: Newton-Schulz would blow a roundoff residual up to a unit-norm noise matrix, and
         # Adam would divide roundoff by roundoff along directions of U that carry no energy. Both
@@ -107,7 +117,7 @@ def cosmos_direction(
             B.mul_(keep_residual)
         if r == 0:
             Gt = B.mul_(gamma * scale)
-        elif ns_dtype != G.dtype:
+        elif ns_dtype != X.dtype:
             # In exact arithmetic NS5(R) has the row space of R, orthogonal to U. Low-precision
             # NS amplifies rounding noise in R's r null directions by about a^5 ~ 500 to O(1);
             # we project it out and renormalise (a no-op at full precision), without forming
@@ -121,3 +131,41 @@ def cosmos_direction(
             Gt = F.addmm(B.mul_(gamma * scale), Yd, U.mT)
     norm = comm.all_reduce(torch.linalg.matrix_norm(Gt, keepdim=True).square_()).sqrt_()
     return Gt.mul_(scale / norm.clamp_min(1e-30))
+
+
+def cosmos_direction(
+    G: Tensor,
+    M: Tensor,
+    U: Tensor,
+    S: Tensor,
+    V: Tensor,
+    *,
+    t: int,
+    m: int,
+    n: int,
+    init: bool,
+    refresh: bool,
+    power_iters: int,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    gamma: float,
+    nesterov: bool,
+    ns_steps: int,
+    ns_dtype: torch.dtype,
+    comm: Comm,
+    newton_schulz: Callable[..., Tensor] = F.newton_schulz,
+) -> Tensor:
+    """One COSMOS step on a stack of ``b`` matrices: :func:`update_subspace`, then
+    :func:`combine` on :func:`momentum_estimate`.
+
+    Updates the state stacks ``M`` (b, m, n), ``U`` (b, n, r), ``S`` (b, r, r), ``V`` (b, m, r) in
+    place and returns the update direction ``sqrt(mn) * G~ / ||G~||_F`` with per-entry RMS 1.
+    Under FSDP2 the ``m`` rows are this rank's shard; ``m`` and ``n`` are the global sizes, and
+    ``comm`` sums partial products over ranks and orthogonalises residuals on their owners.
+    """
+    M.lerp_(G, 1.0 - beta1)
+    update_subspace(G, U, S, V, init=init, refresh=refresh, power_iters=power_iters, beta2=beta2, comm=comm)
+    X = momentum_estimate(G, M, t=t, beta1=beta1, nesterov=nesterov)
+    return combine(X, U, V, t=t, m=m, n=n, beta2=beta2, eps=eps, gamma=gamma, ns_steps=ns_steps,
+                   ns_dtype=ns_dtype, comm=comm, newton_schulz=newton_schulz)

@@ -175,8 +175,7 @@ def project(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     Returns ``(Y, R)`` with ``Y = X U`` (``m x r``) and ``R = X - Y U^T``, orthogonal to ``U``.
     """
     Y = X @ U
-    R = X - Y @ U.mT
-    return Y, R
+    return Y, addmm(X, Y, U.mT, alpha=-1.0)
 
 
 def normalized_orthogonal(

@@ -1,7 +1,9 @@
 """Optimizer-state memory: what an optimizer really holds, and what others would hold.
 
 Formulas, in elements per parameter (state kept in float32, 4 bytes each), for a matrix
-``m x n`` with ``r = min(rank, m, n)``:
+``m x n`` with ``r = min(rank, m, n)``; a parameter is seen as matrices by the one rule of
+:mod:`lit_cosmos.core.matrices` (expert stacks as ``E`` matrices, split weights as their parts,
+convolutions flattened), and the formulas sum over its matrices:
 
 =========  ==============================  ==========================================
 optimizer  matrix                          every other parameter (its AdamW fallback)
@@ -13,17 +15,20 @@ SOAP       ``2mn + 2m^2 + 2n^2``            ``2 numel``
 =========  ==============================  ==========================================
 
 SOAP's figure counts its two Adam moments, the two Kronecker factors and their eigenbases.
-Step counters (one scalar per parameter) are left out of the formulas.
+Step counters (one scalar per parameter) are left out of the formulas. A parameter counts as a
+matrix by :func:`lit_cosmos.core.matrices.is_matrix`: in a group whose ``algorithm`` is
+``"cosmos"`` or ``"muon"``, or 2-D in a group without ``algorithm`` (a plain torch optimizer).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from lit_cosmos.core.matrices import DEFAULT_RANK, Split, is_matrix, matrix_view, param_tensor
 from lit_cosmos.distributed import local_tensor
 
 __all__ = ["OPTIMIZERS", "state_numel", "formula_numel", "optimizer_state_bytes", "memory_report"]
@@ -31,24 +36,32 @@ __all__ = ["OPTIMIZERS", "state_numel", "formula_numel", "optimizer_state_bytes"
 OPTIMIZERS = ("cosmos", "adamw", "muon", "soap")
 
 
-def formula_numel(shape: Sequence[int], optimizer: str, rank: int = 64, matrix: bool = True) -> int:
+def formula_numel(
+    shape: Sequence[int],
+    optimizer: str,
+    rank: int = DEFAULT_RANK,
+    matrix: bool = True,
+    layout: str = "auto",
+    split: Split = None,
+) -> int:
     """State elements ``optimizer`` keeps for one parameter of ``shape``.
 
-    ``matrix`` says whether the parameter is treated as a matrix (in a COSMOS group: >2-D
-    shapes are flattened to ``(shape[0], rest)``); otherwise every optimizer falls back to AdamW.
+    ``matrix`` says whether the parameter is treated as matrices (``layout`` and ``split`` as in
+    its param group, see :mod:`lit_cosmos.core.matrices`); otherwise every optimizer falls back
+    to AdamW.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     numel = math.prod(shape)
     if not matrix or optimizer == "adamw":
         return 2 * numel
-    m, n = shape[0], math.prod(shape[1:])
+    view = matrix_view(shape, layout, split)
     if optimizer == "cosmos":
-        r = min(rank, m, n)
-        return m * n + m * r + n * r + r * r
+        return view.state_numel(view.rank(rank))
     if optimizer == "muon":
-        return m * n
-    return 2 * m * n + 2 * m * m + 2 * n * n  # soap
+        return numel
+    n = view.n  # soap: per matrix 2 m n + 2 m^2 + 2 n^2
+    return view.batch * sum(2 * rows * n + 2 * rows * rows + 2 * n * n for rows in view.parts)
 
 
 def state_numel(state: Mapping[str, Any], include_step: bool = False) -> int:
@@ -67,22 +80,25 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, include_step: bool =
     return total
 
 
-def memory_report(param_groups: Iterable[Mapping[str, Any]], rank: int | None = None, bytes_per_element: int = 4) -> dict[str, int]:
+def memory_report(
+    param_groups: Iterable[Mapping[str, Any]], rank: Optional[int] = None, bytes_per_element: int = 4
+) -> dict[str, int]:
     """Formula state bytes of every optimizer in :data:`OPTIMIZERS` for these param groups.
 
-    Parameters in ``algorithm="cosmos"`` or ``"muon"`` groups count as matrices (with the group's
-    ``rank`` unless ``rank`` is given), and so do 2-D parameters of groups without an
-    ``algorithm`` (how COSMOS itself routes plain parameters); all others fall back to AdamW for
-    every optimizer, as they do in practice (embeddings, heads, norms and biases are not
-    Muon/COSMOS material).
+    Parameters that :func:`~lit_cosmos.core.matrices.is_matrix` calls matrices get each
+    optimizer's matrix formula (COSMOS with the group's ``rank`` unless ``rank`` is given,
+    :data:`~lit_cosmos.core.matrices.DEFAULT_RANK` when the group has none); all others fall back
+    to AdamW for every optimizer, as they do in practice (embeddings, heads, norms and biases are
+    not Muon/COSMOS material).
     """
     totals = dict.fromkeys(OPTIMIZERS, 0)
     for g in param_groups:
-        alg = g.get("algorithm")
-        r = rank if rank is not None else g.get("rank", 64)
+        r = rank if rank is not None else g.get("rank", DEFAULT_RANK)
         for item in g["params"]:
-            p = item[1] if isinstance(item, tuple) else item
-            is_matrix = alg in ("cosmos", "muon") or (alg is None and p.ndim == 2)
+            p = param_tensor(item)
+            matrix = is_matrix(g, p)
             for opt in OPTIMIZERS:
-                totals[opt] += formula_numel(tuple(p.shape), opt, r, matrix=is_matrix) * bytes_per_element
+                numel = formula_numel(tuple(p.shape), opt, r, matrix=matrix, layout=g.get("matrix_layout") or "auto",
+                                      split=g.get("split"))
+                totals[opt] += numel * bytes_per_element
     return totals

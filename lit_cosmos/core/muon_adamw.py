@@ -16,14 +16,13 @@ from torch import Tensor
 from torch.optim import AdamW, Optimizer
 
 from lit_cosmos.core.cosmos import saved_param_states
+from lit_cosmos.core.kernels import NS_COEFFICIENTS
 
 __all__ = ["MuonAdamW", "MUON_ALGORITHMS", "ADJUST_LR_FNS"]
 
 #: ``algorithm`` values of a param group that get Muon (``"cosmos"``: a COSMOS-routed matrix group).
 MUON_ALGORITHMS = ("muon", "cosmos")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
-#: Newton-Schulz coefficients of torch.optim.Muon (and of COSMOS).
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def _shard_placements(t: Tensor) -> tuple:

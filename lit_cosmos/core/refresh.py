@@ -390,10 +390,12 @@ class RefreshSchedule:
             drift = None
             if pending["refresh"]:
                 self._refreshes += 1
+                # One drift per matrix (a stack or a split weight has several bases).
                 drifts = [
-                    F.basis_drift(pending["old"][id(p)], local_tensor(st["U"])).item()
+                    d
                     for _, p, st in optimizer.matrix_states()
                     if id(p) in pending["old"]
+                    for d in F.basis_drift(pending["old"][id(p)], local_tensor(st["U"])).reshape(-1).tolist()
                 ]
                 total, count, largest = self._reduce_drifts(drifts)
                 if count:

@@ -71,8 +71,9 @@ def all_finite_local(tensors: Sequence[Tensor]) -> Tensor:
 class Comm:
     """Single-process behaviour; subclasses override what their layout needs."""
 
-    def bind(self, matrices: Sequence[Tensor]) -> None:
-        """The optimizer's COSMOS matrices, in param-group order (called when the groups change)."""
+    def bind(self, matrices: Sequence[Tensor], costs: Optional[Sequence[int]] = None) -> None:
+        """The optimizer's COSMOS matrices, in param-group order, with their Newton-Schulz costs
+        (called when the groups change)."""
 
     def all_reduce(self, t: Tensor) -> Tensor:
         return t

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lit_cosmos.core.matrices import DEFAULT_RANK
 from lit_cosmos.core.memory import OPTIMIZERS, memory_report, optimizer_state_bytes
 from lit_cosmos.distributed import is_distributed
 
@@ -34,12 +35,12 @@ class MemoryMonitor(Callback):
 
     Works with any optimizer (COSMOS or not). The *held* figure sums the tensors in
     ``optimizer.state`` of every optimizer of the trainer (DTensor state by its local shard).
-    The *formula* figures (:func:`lit_cosmos.memory.memory_report`, float32 state, step counters
-    left out) are computed for the same parameters: a parameter counts as a matrix when its
-    group's ``algorithm`` is anything but ``"adamw"`` (``"cosmos"``, ``"muon"``), or, in a group
-    without ``algorithm`` (a plain torch optimizer), when it is 2-D; every other parameter gets
-    the AdamW fallback of every optimizer (``2 numel``). COSMOS's rank is each group's ``rank``,
-    else ``rank``.
+    The *formula* figures (:func:`lit_cosmos.memory_report`, float32 state, step counters left
+    out) are computed for the same parameters: a parameter counts as matrices when its group's
+    ``algorithm`` is ``"cosmos"`` or ``"muon"``, or, in a group without ``algorithm`` (a plain
+    torch optimizer), when it is 2-D (:func:`lit_cosmos.core.matrices.is_matrix`); expert stacks
+    and split weights count as their matrices. Every other parameter gets the AdamW fallback of
+    every optimizer (``2 numel``). COSMOS's rank is each group's ``rank``, else ``rank``.
 
     The savings compare the state of the whole model counted once, ``state_bytes_model``, with
     each formula: ``100 * (1 - state_bytes_model / formula)`` percent. ``state_bytes_model`` is
@@ -83,7 +84,7 @@ class MemoryMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int = 100,
-        rank: int = 64,
+        rank: int = DEFAULT_RANK,
         print_table: bool = True,
         prefix: str = "memory/",
     ) -> None:
@@ -151,26 +152,16 @@ class MemoryMonitor(Callback):
                 logger.experiment.add_text(p + "table", table, global_step=step)
 
 
-def formula_groups(optimizers: Iterable[torch.optim.Optimizer], rank: int = 64) -> list[dict[str, Any]]:
-    """The param groups of ``optimizers`` in the form :func:`~lit_cosmos.memory.memory_report`
-    reads: ``algorithm`` ``"cosmos"`` for matrices (see :class:`MemoryMonitor`), else ``"adamw"``."""
-    groups: list[dict[str, Any]] = []
-    for opt in optimizers:
-        for g in opt.param_groups:
-            params = [item[1] if isinstance(item, tuple) else item for item in g["params"]]
-            r = g.get("rank", rank)
-            if "algorithm" in g:
-                groups.append({"algorithm": "adamw" if g["algorithm"] == "adamw" else "cosmos", "params": params,
-                               "rank": r})
-            else:
-                groups.append({"algorithm": "cosmos", "params": [q for q in params if q.ndim == 2], "rank": r})
-                groups.append({"algorithm": "adamw", "params": [q for q in params if q.ndim != 2], "rank": r})
-    return groups
+def formula_groups(optimizers: Iterable[torch.optim.Optimizer], rank: int = DEFAULT_RANK) -> list[dict[str, Any]]:
+    """The param groups of ``optimizers`` as :func:`~lit_cosmos.memory.memory_report` reads them,
+    with ``rank`` filled in where a group has none (which parameters are matrices is
+    :func:`lit_cosmos.core.matrices.is_matrix`'s rule)."""
+    return [dict(g, rank=g.get("rank", rank)) for opt in optimizers for g in opt.param_groups]
 
 
 def memory_figures(
     optimizers: Iterable[torch.optim.Optimizer],
-    rank: int = 64,
+    rank: int = DEFAULT_RANK,
     device: Optional[torch.device] = None,
     prefix: str = "memory/",
 ) -> dict[str, float]:

@@ -26,7 +26,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lit_cosmos.core import kernels as F
 from lit_cosmos.distributed import is_distributed, is_dtensor, local_tensor
 from lit_cosmos.lightning.callbacks.eigenbasis_refresh import find_cosmos_optimizer
-from lit_cosmos.core.cosmos import COSMOS, NS_DTYPES
+from lit_cosmos.core.cosmos import COSMOS, resolve_ns_dtype
+from lit_cosmos.core.direction import momentum_estimate
+from lit_cosmos.core.matrices import MatrixView, group_view
 
 __all__ = ["SubspaceMonitor", "ns_polar_error"]
 
@@ -188,16 +190,20 @@ class SubspaceMonitor(Callback):
                 if p.grad is not None and st and float(st["step"]) > 0:
                     layers.append((name, group, p, st))
 
-        # Sums over the rows of each matrix: [||GU||^2, ||G||^2, ||dW||^2] (partial under FSDP2).
+        # Sums over the rows of each parameter's matrices: [||GU||^2, ||G||^2, ||dW||^2] (partial
+        # under FSDP2: this rank's rows, or experts).
         partial = []
-        for _, _, p, st in layers:
-            m_local = local_tensor(p).shape[0]
-            G = local_tensor(p.grad).reshape(m_local, -1).float()
-            U = local_tensor(st["U"]).float()
+        for _, group, p, st in layers:
+            view = group_view(group, p)
+            G = view.matrices(local_tensor(p.grad)).float()
+            bases = _bases(view, local_tensor(st["U"]).float())
+            captured = sum((G[:, o:o + rows] @ bases[:, i]).square().sum() for i, (o, rows) in
+                           enumerate(zip(view.offsets, view.parts)))
             dw = torch.zeros((), device=G.device)
             if snapshot is not None and id(p) in snapshot:
                 dw = (local_tensor(p).float() - snapshot[id(p)].float()).square().sum()
-            partial.append(torch.stack([(G @ U).square().sum(), G.square().sum(), dw]))
+            partial.append(torch.stack([torch.as_tensor(captured, device=G.device, dtype=G.dtype),
+                                        G.square().sum(), dw]))
         sums = _sum_over_shards(partial, [p for _, _, p, _ in layers])
 
         values: dict[str, dict[str, float]] = {k: {} for k in _METRICS}
@@ -210,7 +216,9 @@ class SubspaceMonitor(Callback):
                 if target > 0:
                     values["update_rms_ratio"][name] = rms / target
             if self.ns_error and st["U"].shape[-1] < st["U"].shape[-2]:  # r = n: no Newton-Schulz part
-                values["ns_error"][name] = _residual_ns_error(group, p, st)
+                error = _residual_ns_error(group, p, st)
+                if error is not None:
+                    values["ns_error"][name] = error
         if is_distributed():
             # Under DDP work split a matrix's state lives on its owner only: merge all ranks'
             # layers (under plain DDP and FSDP2 every rank has the same values already).
@@ -263,26 +271,31 @@ def ns_polar_error(
     return float(torch.linalg.matrix_norm(O / O_norm - P / math.sqrt(k)))
 
 
-def _residual_ns_error(group: dict, p: Tensor, st: dict) -> float:
-    """Rebuild the step's residual from the state and measure :func:`ns_polar_error` on it."""
-    m_local = local_tensor(p).shape[0]
-    G = local_tensor(p.grad).reshape(m_local, -1).float()
-    M = local_tensor(st["M"]).reshape(m_local, -1).float()
-    U = local_tensor(st["U"]).float()
-    beta1 = group["betas"][0]
-    t = float(st["step"])
-    if group["nesterov"]:
-        X = torch.lerp(G, M, beta1) / (1.0 - beta1 ** (t + 1))
-    else:
-        X = M / (1.0 - beta1**t)
+def _bases(view: MatrixView, U: Tensor) -> Tensor:
+    """``U`` of a parameter as ``(batch, parts, n, r)`` (local experts of a stack)."""
+    return U.reshape(-1, len(view.parts), view.n, U.shape[-1])
+
+
+def _residual_ns_error(group: dict, p: Tensor, st: dict) -> Optional[float]:
+    """Rebuild the step's residual of the parameter's first matrix (first part of the first local
+    expert) from the state, with the optimizer's own helpers, and measure :func:`ns_polar_error`."""
+    view = group_view(group, p)
+    G = view.matrices(local_tensor(p.grad)).float()
+    if G.shape[0] == 0:
+        return None  # a stack whose experts all live on other ranks
+    M = view.matrices(local_tensor(st["M"])).float()
+    U = _bases(view, local_tensor(st["U"]).float())[0, 0]
+    rows = view.parts[0] if len(view.parts) > 1 else G.shape[1]
+    X = momentum_estimate(G[0, :rows], M[0, :rows], t=int(float(st["step"])), beta1=group["betas"][0],
+                          nesterov=group["nesterov"])
     _, R = F.project(X, U)
-    if is_dtensor(p):
+    if is_dtensor(p) and view.layout != "stack":  # this rank's rows of a row-sharded matrix
         from torch.distributed.tensor import DTensor
 
-        m, n = p.shape[0], R.shape[-1]
+        m, n = view.m, R.shape[-1]
         R = DTensor.from_local(R, p.device_mesh, p.placements, run_check=False, shape=(m, n), stride=(n, 1))
         R = R.full_tensor()
-    dtype = torch.float32 if group["ns_dtype"] == "float32" else NS_DTYPES[group["ns_dtype"]]
+    dtype = resolve_ns_dtype(group["ns_dtype"], torch.float32)
     return ns_polar_error(R, steps=group["ns_steps"], dtype=dtype, basis=U)
 
 

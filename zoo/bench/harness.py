@@ -71,7 +71,8 @@ WEIGHT_DECAY = 0.1
 
 
 # ---------------------------------------------------------------------- optimizers
-def build_optimizer(name: str, params: Any, lr: float, weight_decay: float = WEIGHT_DECAY, **cosmos_kwargs: Any) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: Any, lr: float, weight_decay: float = WEIGHT_DECAY,
+                    **cosmos_kwargs: Any) -> torch.optim.Optimizer:
     """Candidate ``name`` over routed param groups ``params`` (see the module docstring).
 
     ``cosmos_kwargs`` go to :class:`~lit_cosmos.COSMOS` only (e.g. ``rank``, ``update_interval``).
@@ -111,7 +112,8 @@ class Setup:
         return self.batch_size * self.block_size
 
     def config(self, vocab_size: int) -> Config:
-        return Config.from_name(self.model, **{**self.overrides, "block_size": self.block_size, "vocab_size": vocab_size})
+        sizes = {"block_size": self.block_size, "vocab_size": vocab_size}
+        return Config.from_name(self.model, **{**self.overrides, **sizes})
 
     def eval_steps(self) -> list[int]:
         return sorted({0, self.steps, *range(self.eval_every, self.steps, self.eval_every)})
@@ -257,7 +259,8 @@ class Run:
 
 
 def train_lockstep(runs: Sequence[Run], setup: Setup, data: Data, desc: str = "", show_progress: bool = True,
-                   before_step: Optional[Callable[[Run], None]] = None, after_step: Optional[Callable[[Run], None]] = None) -> float:
+                   before_step: Optional[Callable[[Run], None]] = None,
+                   after_step: Optional[Callable[[Run], None]] = None) -> float:
     """Train ``runs`` for ``setup.steps`` steps each, in lockstep, the order rotating every step
     (reversed on odd steps, as :class:`zoo.bench.common.InterleavedTimer`). Evaluates every run
     on the steps of ``setup.eval_steps()``. ``before_step`` / ``after_step`` are called around
@@ -322,7 +325,8 @@ def curve_band(runs: Sequence[Run]) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------- command line of the training benchmarks
 def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-tiny", help="zoo config name (vocab_size is always the tokenizer's)")
-    p.add_argument("--n-layer", type=int, default=None, help="override the config's n_layer (default 4; 1 with --quick)")
+    p.add_argument("--n-layer", type=int, default=None,
+                   help="override the config's n_layer (default 4; 1 with --quick)")
     p.add_argument("--n-embd", type=int, default=None, help="override n_embd (default: the config's; 32 with --quick)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default 128; 32 with --quick)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16; 4 with --quick)")
@@ -384,9 +388,10 @@ def settings_dict(args: argparse.Namespace, setup: Setup, data: Data) -> dict[st
 
 def setup_markdown(s: dict[str, Any]) -> str:
     c = s["model_config"]
-    return (f"Setup: `{s['model']}` with {c['n_layer']} blocks, d={c['n_embd']}, {c['n_head']} heads, MLP {c['intermediate_size']}, "
-            f"byte tokens (vocab {c['vocab_size']}), {s['parameters'] / 1e6:.2f}M parameters; batch {s['batch_size']} x "
-            f"{s['block_size']} tokens, {s['steps']} steps = {s['tokens']:,} tokens ({s['epochs']:.2f} epochs of "
-            f"{s['corpus_tokens'].get('train', 0):,} train tokens); warm-up {s['warmup_steps']} steps then cosine to "
-            f"{s['min_lr_ratio']} x lr; validation on {s['val_tokens_used']:,} held-out tokens every {s['eval_every']} steps.")
+    return (f"Setup: `{s['model']}` with {c['n_layer']} blocks, d={c['n_embd']}, {c['n_head']} heads, "
+            f"MLP {c['intermediate_size']}, byte tokens (vocab {c['vocab_size']}), {s['parameters'] / 1e6:.2f}M "
+            f"parameters; batch {s['batch_size']} x {s['block_size']} tokens, {s['steps']} steps = {s['tokens']:,} "
+            f"tokens ({s['epochs']:.2f} epochs of {s['corpus_tokens'].get('train', 0):,} train tokens); warm-up "
+            f"{s['warmup_steps']} steps then cosine to {s['min_lr_ratio']} x lr; validation on "
+            f"{s['val_tokens_used']:,} held-out tokens every {s['eval_every']} steps.")
 

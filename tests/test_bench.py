@@ -7,6 +7,7 @@ there, finite and positive, and that the memory figures agree with the closed-fo
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from lit_cosmos import COSMOS, formula_numel, optimizer_state_bytes
-from zoo.bench import BENCHMARKS, common, optimizer_step, scaling
+from zoo.bench import BENCHMARKS, common, gpu, optimizer_step, scaling
 from zoo.bench import main as zoo_bench_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,3 +158,92 @@ def test_distributed_quick(tmp_path):
     assert res["fsdp2"]["state_bytes_per_rank_max"] < res["replicated"]["state_bytes_per_rank_max"]
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["worlds"] == [2]
     assert (tmp_path / "results.md").read_text().startswith("# distributed")
+
+
+# ---------------------------------------------------------------------- the GPU evidence pack
+def _closed_form_state_bytes(model: str) -> dict[str, int]:
+    """State bytes of the pack's tiny shapes from the matrix shapes alone: torch's AdamW and Muon
+    keep bfloat16 state (2 bytes) like the parameters, COSMOS float32 (4 bytes)."""
+    from zoo.config import Config
+    from zoo.model import GPT
+
+    with torch.device("meta"):
+        m = GPT(Config.from_name(model, **gpu.TINY))
+    mats = [p for n, p in m.named_parameters() if p.ndim == 2 and "blocks." in n]
+    rest = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in mats)
+    mn = sum(p.numel() for p in mats)
+    cosmos = sum(formula_numel(tuple(p.shape), "cosmos", 64) for p in mats)
+    return {"fused_adamw": 2 * 2 * (mn + rest), "muon": 2 * (mn + 2 * rest), "cosmos": 4 * (cosmos + 2 * rest)}
+
+
+@pytest.mark.slow
+def test_gpu_pack_dry_run(tmp_path):
+    out = tmp_path / "gpu"
+    gpu.run(["--dry-run", "--out", str(out), "--no-progress", "--data-cache", str(tmp_path / "data")])
+    data = _check_files(out)
+    assert data["benchmark"] == "gpu" and data["partial"] is False and data["notes"] == []
+    assert data["gpu"]["available"] is False and data["settings"]["device"] == "cpu"
+    assert list(data["budget"]["stages"]) == ["setup", *gpu.MODELS, "convergence"]
+    assert all(_positive(s["used_s"]) for s in data["budget"]["stages"].values())
+    known = inspect.signature(COSMOS).parameters
+    assert [m["model"] for m in data["optimizer_step"]] == list(gpu.MODELS)
+    for m in data["optimizer_step"]:
+        rows = {r["candidate"]: r for r in m["rows"]}
+        assert list(rows) == list(gpu.CANDIDATES)  # every required candidate, none dropped
+        for name, r in rows.items():
+            if all(k in known for k in gpu.CANDIDATES[name][1] or {}):
+                assert r["status"] == "ok", (m["model"], name, r["status"])
+                for key in ("step_ms", "vs_fused_adamw", "vs_muon", "first_step_s", "state_bytes"):
+                    assert _positive(r[key]), (m["model"], name, key, r.get(key))
+                assert len(r["step_s_rounds"]) == m["repeats"]
+            else:
+                assert r["status"].startswith(gpu.UNAVAILABLE), (name, r["status"])
+        assert rows["fused_adamw"]["vs_fused_adamw"] == 1.0 and rows["muon"]["vs_muon"] == 1.0
+        # measured state = the formula at the state dtype's bytes = the closed form from the shapes
+        for name, expected in _closed_form_state_bytes(m["model"]).items():
+            assert rows[name]["state_bytes"] == rows[name]["state_bytes_formula"] == expected, name
+        assert rows["fused_adamw"]["state_dtypes"] == ["torch.bfloat16"]
+        assert rows["cosmos"]["state_dtypes"] == ["torch.float32"]
+        if rows["cosmos_compiled"]["status"] == "ok":
+            assert rows["cosmos_compiled"]["compile_s"] >= 0
+    conv = data["convergence"]
+    assert [r["optimizer"] for r in conv["rows"]] == ["adamw", "muon", "cosmos"]
+    for r in conv["rows"]:
+        assert r["diverged"] is None and r["final_val_loss"] < r["curve"]["mean"][0] - 0.1, r
+        assert _positive(r["opt_step_vs_adamw"])
+    md = (out / "results.md").read_text()
+    assert md.startswith("# gpu: GPU evidence pack, dry run") and "Time budget" in md
+    for label, _ in gpu.CANDIDATES.values():
+        assert label in md
+
+
+def test_gpu_pack_candidates_and_budget():
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    groups = [{"params": [p], "algorithm": "cosmos"}]
+    reason = gpu.cosmos_candidate(groups, 1e-3, no_such_option=True)
+    assert isinstance(reason, str) and reason.startswith(gpu.UNAVAILABLE) and "no_such_option" in reason
+    assert isinstance(gpu.cosmos_candidate(groups, 1e-3, rank=2), COSMOS)
+    with pytest.raises(ValueError, match="unknown candidate"):
+        gpu.make_candidate("sgd", groups)
+    # rounds shrink to fit the time left, never below the minimum (which is then flagged)
+    assert gpu.choose_repeats(1.0, 10.0, most=30) == (10, True)
+    assert gpu.choose_repeats(0.1, 100.0, most=30) == (30, True)
+    assert gpu.choose_repeats(1.0, 1.0, most=30) == (gpu.MIN_REPEATS, False)
+    # a stage gets what is left after the plans of the stages still to come (and the reserve)
+    import time
+
+    budget = gpu.Budget(40.0, {"a": 10.0, "b": 20.0}, start=time.perf_counter() - 15.0)
+    assert budget.reserve_s == 10.0
+    assert budget.grant("a") == pytest.approx(-5.0, abs=1.0) and budget.grant("b") == pytest.approx(15.0, abs=1.0)
+
+
+def test_gpu_pack_bad_arguments():
+    with pytest.raises(SystemExit, match="--lr"):
+        gpu.run(["--dry-run", "--lr", "sgd=1e-3"])
+    with pytest.raises(SystemExit, match="--lr"):
+        gpu.run(["--dry-run", "--lr", "cosmos=-1"])
+    with pytest.raises(SystemExit, match="--dry-run runs on the CPU"):
+        gpu.run(["--dry-run", "--device", "cuda"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            gpu.run([])

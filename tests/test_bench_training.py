@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo.bench import BENCHMARKS, common, convergence, refresh
+from zoo.bench import BENCHMARKS, common, convergence, harness, refresh
 
 
 def _finite(x) -> bool:
@@ -146,17 +146,17 @@ def test_refresh_quick(tmp_path, data_cache):
 
 def test_runs_are_reproducible(data_cache):
     """Same seed, same optimizer: identical losses, whatever else trains beside it in lockstep."""
-    setup = convergence.Setup(model="debug", overrides={"n_layer": 1}, block_size=16, batch_size=2, steps=4,
+    setup = harness.Setup(model="debug", overrides={"n_layer": 1}, block_size=16, batch_size=2, steps=4,
                               eval_every=2, warmup_steps=1, min_lr_ratio=0.1, val_batches=2)
-    data = convergence.Data(setup, data_cache)
-    make = partial(convergence.build_optimizer, "cosmos", lr=1e-2, rank=4)
-    a = convergence.Run.create("a", "cosmos", 1e-2, 0, setup, data.vocab_size, make)
-    convergence.train_lockstep([a], setup, data, show_progress=False)
-    data = convergence.Data(setup, data_cache)
-    b = convergence.Run.create("b", "cosmos", 1e-2, 0, setup, data.vocab_size, make)
-    other = convergence.Run.create("c", "adamw", 1e-3, 1, setup, data.vocab_size,
-                                   partial(convergence.build_optimizer, "adamw", lr=1e-3))
-    convergence.train_lockstep([other, b], setup, data, show_progress=False)
+    data = harness.Data(setup, data_cache)
+    make = partial(harness.build_optimizer, "cosmos", lr=1e-2, rank=4)
+    a = harness.Run.create("a", "cosmos", 1e-2, 0, setup, data.vocab_size, make)
+    harness.train_lockstep([a], setup, data, show_progress=False)
+    data = harness.Data(setup, data_cache)
+    b = harness.Run.create("b", "cosmos", 1e-2, 0, setup, data.vocab_size, make)
+    other = harness.Run.create("c", "adamw", 1e-3, 1, setup, data.vocab_size,
+                               partial(harness.build_optimizer, "adamw", lr=1e-3))
+    harness.train_lockstep([other, b], setup, data, show_progress=False)
     assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
     assert a.eval_steps == [0, 2, 4]
 
@@ -171,4 +171,4 @@ def test_bad_arguments(data_cache):
     with pytest.raises(SystemExit, match="must include 1"):
         refresh.run(["--quick", "--intervals", "4", "16", "--data-cache", data_cache])
     with pytest.raises(ValueError, match="unknown optimizer"):
-        convergence.build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3)
+        harness.build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3)

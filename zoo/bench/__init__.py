@@ -10,6 +10,10 @@
   on the adaptive schedule (:mod:`zoo.bench.refresh`).
 - ``distributed``: optimizer-step time per rank for 1 vs 2 processes: replicated COSMOS, DDP
   work split and FSDP2 row shards (:mod:`zoo.bench.distributed`).
+- ``gpu``: the GPU evidence pack, eight minutes on one GPU: optimizer step and memory of COSMOS
+  (defaults, bf16 state, fast subspace, compiled) against Muon and fused AdamW on the llama-130m,
+  350m and 1b models, and a short llama-60m training run; ``--dry-run`` checks it on a CPU
+  (:mod:`zoo.bench.gpu`). It writes to ``docs/benchmarks/gpu/`` by default.
 
 Every benchmark takes ``--quick`` (tiny shapes, seconds), ``--out DIR`` (default
 ``bench_results/NAME/``) and writes ``results.json``, ``results.md`` and ``results.png`` there.
@@ -29,6 +33,7 @@ BENCHMARKS = {
     "distributed": "zoo.bench.distributed",
     "convergence": "zoo.bench.convergence",
     "refresh": "zoo.bench.refresh",
+    "gpu": "zoo.bench.gpu",
 }
 
 __all__ = ["BENCHMARKS", "run", "main"]

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,6 +57,28 @@ def block_shapes(cfg: Config, blocks: int) -> list[tuple[int, int]]:
 def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
     torch.set_num_threads(cfg["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    opts = _candidates(world, cfg)
+    first, rounds = _time_candidates(opts, cfg)
+    state = torch.tensor([float(optimizer_state_bytes(o, include_step=False)) for o in opts.values()],
+                         dtype=torch.float64)
+    state_max = state.clone()
+    dist.all_reduce(state_max, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        result = {
+            k: {
+                "step_s": common.median(rounds[k]),
+                "first_step_s": first[k],
+                "vs_replicated": common.ratio_median(rounds[k], rounds["replicated"]),
+                "state_bytes_per_rank_max": float(state_max[i]),
+            }
+            for i, k in enumerate(opts)
+        }
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _candidates(world: int, cfg: dict[str, Any]) -> dict[str, COSMOS]:
+    """The three COSMOS set-ups over the same weights and gradients (same seed on every rank)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -77,44 +100,33 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> 
             p.grad = distribute_tensor(g, mesh, [Shard(0)])
         return COSMOS(ps, **kw)
 
-    opts = {"replicated": plain("local"), "ddp_split": plain("ddp_split"), "fsdp2": sharded()}
+    return {"replicated": plain("local"), "ddp_split": plain("ddp_split"), "fsdp2": sharded()}
 
-    def timed(opt: COSMOS) -> float:
-        import time
 
-        dist.barrier()
-        t0 = time.perf_counter()
-        opt.step()
-        dist.barrier()
-        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+def _timed_step(opt: COSMOS) -> float:
+    """One step between barriers; the slowest rank's seconds."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    opt.step()
+    dist.barrier()
+    t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
-    first = {k: timed(o) for k, o in opts.items()}
+
+def _time_candidates(opts: dict[str, COSMOS], cfg: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """First steps, warm-up, then interleaved rounds of ``block`` steps (who goes first rotates)."""
+    first = {k: _timed_step(o) for k, o in opts.items()}
     for _ in range(cfg["warmup"]):
         for o in opts.values():
-            timed(o)
+            _timed_step(o)
     rounds: dict[str, list[float]] = {k: [] for k in opts}
     names = list(opts)
     for i in range(cfg["repeats"]):
-        order = names[i % len(names):] + names[: i % len(names)]  # rotate who goes first
+        order = names[i % len(names):] + names[: i % len(names)]
         for k in order:
-            rounds[k].append(sum(timed(opts[k]) for _ in range(cfg["block"])) / cfg["block"])
-    state = torch.tensor([float(optimizer_state_bytes(o, include_step=False)) for o in opts.values()], dtype=torch.float64)
-    state_max = state.clone()
-    dist.all_reduce(state_max, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        result = {
-            k: {
-                "step_s": common.median(rounds[k]),
-                "first_step_s": first[k],
-                "vs_replicated": common.ratio_median(rounds[k], rounds["replicated"]),
-                "state_bytes_per_rank_max": float(state_max[i]),
-            }
-            for i, k in enumerate(opts)
-        }
-        Path(out).write_text(json.dumps(result))
-    dist.destroy_process_group()
+            rounds[k].append(sum(_timed_step(opts[k]) for _ in range(cfg["block"])) / cfg["block"])
+    return first, rounds
 
 
 def build_parser() -> argparse.ArgumentParser:

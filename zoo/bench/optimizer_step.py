@@ -157,38 +157,68 @@ def _formula_bytes(opt: str, mats: list[nn.Parameter], rest: list[dict[str, Any]
     return memory_report(groups, rank=rank)[key]
 
 
+Parts = dict[str, tuple[Callable[[], torch.optim.Optimizer], int]]
+
+
 def bench_model(model: str, args: argparse.Namespace, optimizers: list[str], notes: list[str]) -> dict[str, Any]:
+    """Time and measure every candidate on ``model``'s shapes: build the parameters, time the parts
+    interleaved, then one row per candidate and the whole model's formula ratios."""
     config = Config.from_name(model) if args.full else Config.from_name(model, n_layer=1)
     mats_named, rest = build_parameters(config, seed=args.seed, device=args.device)
     mats = [p for _, p in mats_named]
-    rest_params = [p for g in rest for p in g["params"]]
-
-    parts: dict[str, tuple[Callable[[], torch.optim.Optimizer], int]] = {}
+    parts: Parts = {}
     cand_parts: dict[str, list[str]] = {}
     for opt in optimizers:
         ps = _parts(opt, mats, rest, args.rank, args.update_interval, args.lr)
         parts.update(ps)
         cand_parts[opt] = list(ps)
-
     optims = {name: factory() for name, (factory, _) in parts.items()}
+    cands = _time_parts(optims, parts, args, model)
+    mat_part = {opt: next(p for p in cand_parts[opt] if p.endswith("@mat")) for opt in optimizers}
+    rows = _rows(optimizers, cand_parts, mat_part, cands, optims, mats, rest, args)
+    with torch.device("meta"):  # formula ratios of the whole model, whatever was benchmarked
+        full = memory_report(cosmos_param_groups(GPT(Config.from_name(model))), rank=args.rank)
+    result = {
+        "model": model,
+        "scope": "full model" if args.full else "one block + embeddings + head",
+        "config": config.to_dict(),
+        "matrices": [{"name": n, "shape": list(p.shape)} for n, p in mats_named],
+        "numel_matrices": sum(p.numel() for p in mats),
+        "numel_rest": sum(p.numel() for g in rest for p in g["params"]),
+        "rows": rows,
+        "formula_full_model_bytes": full,
+        "formula_full_model_vs_adamw": {k: v / full["adamw"] for k, v in full.items()},
+    }
+    if args.profile:
+        result["profile"] = _profile(optims, mat_part, args)
+    return result
+
+
+def _time_parts(optims: dict[str, torch.optim.Optimizer], parts: Parts, args: argparse.Namespace,
+                desc: str) -> dict[str, common.Candidate]:
+    """Every part's first step, warm-up, then ``--repeats`` interleaved rounds."""
     timer = common.InterleavedTimer(
         [common.Candidate(name, optims[name].step, period=parts[name][1], sync=common.device_sync(args.device))
          for name in parts],
-        block=args.block, warmup_steps=args.warmup, show_progress=not args.no_progress, desc=model,
+        block=args.block, warmup_steps=args.warmup, show_progress=not args.no_progress, desc=desc,
     )
     timer.warmup()
     timer.run(args.repeats)
-    cands = timer.by_name()
+    return timer.by_name()
 
+
+def _rows(optimizers: list[str], cand_parts: dict[str, list[str]], mat_part: dict[str, str],
+          cands: dict[str, common.Candidate], optims: dict[str, torch.optim.Optimizer], mats: list[nn.Parameter],
+          rest: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per candidate: its parts' times summed round by round, ratios to AdamW and Muon
+    in the same rounds, measured and formula state bytes."""
     def rounds(opt: str) -> list[float]:
         return [sum(vals) for vals in zip(*(cands[p].rounds for p in cand_parts[opt]))]
 
-    mat_part = {opt: next(p for p in cand_parts[opt] if p.endswith("@mat")) for opt in optimizers}
     base = {b: rounds(b) for b in ("adamw", "muon") if b in optimizers}
     rows = []
     for opt in optimizers:
-        tot = rounds(opt)
-        mat = cands[mat_part[opt]].rounds
+        tot, mat = rounds(opt), cands[mat_part[opt]].rounds
         measured = sum(common.state_bytes(optims[p]) for p in cand_parts[opt])
         formula = _formula_bytes(opt, mats, rest, args.rank)
         row: dict[str, Any] = {
@@ -210,36 +240,20 @@ def bench_model(model: str, args: argparse.Namespace, optimizers: list[str], not
             own = sum(optimizer_state_bytes(optims[p], include_step=False) for p in cand_parts[opt])
             row["state_bytes_lit_cosmos"] = own
             row["state_equals_formula"] = bool(measured == formula == own)
-            ui = 1 if opt == "cosmos" else args.update_interval
-            samples = cands[mat_part[opt]].samples
-            if ui > 1:
-                row["matrix_refresh_step_s"] = common.median([s for t, s in samples if t % ui == 0])
-                row["matrix_plain_step_s"] = common.median([s for t, s in samples if t % ui != 0])
+            row.update(_refresh_split(cands[mat_part[opt]], 1 if opt == "cosmos" else args.update_interval))
         rows.append(row)
     adamw_bytes = next((r["state_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
     for r in rows:
         r["state_vs_adamw"] = r["state_bytes"] / adamw_bytes if adamw_bytes else None
+    return rows
 
-    # Formula ratios of the whole model, whatever was benchmarked.
-    with torch.device("meta"):
-        full_groups = cosmos_param_groups(GPT(Config.from_name(model)))
-    full = memory_report(full_groups, rank=args.rank)
-    profile = _profile(optims, mat_part, args) if args.profile else None
-    result = {
-        "model": model,
-        "scope": "full model" if args.full else "one block + embeddings + head",
-        "config": config.to_dict(),
-        "matrices": [{"name": n, "shape": list(p.shape)} for n, p in mats_named],
-        "numel_matrices": sum(p.numel() for p in mats),
-        "numel_rest": sum(p.numel() for p in rest_params),
-        "rows": rows,
-        "formula_full_model_bytes": full,
-        "formula_full_model_vs_adamw": {k: v / full["adamw"] for k, v in full.items()},
-    }
-    if profile is not None:
-        result["profile"] = profile
-    del optims, timer, cands
-    return result
+
+def _refresh_split(cand: common.Candidate, ui: int) -> dict[str, float]:
+    """Median step seconds on refresh steps (every ``ui``-th) and on the others, when ``ui > 1``."""
+    if ui <= 1:
+        return {}
+    return {"matrix_refresh_step_s": common.median([s for t, s in cand.samples if t % ui == 0]),
+            "matrix_plain_step_s": common.median([s for t, s in cand.samples if t % ui != 0])}
 
 
 def _profile(optims: dict[str, torch.optim.Optimizer], mat_part: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
@@ -279,7 +293,7 @@ def _profile(optims: dict[str, torch.optim.Optimizer], mat_part: dict[str, str],
 
 # ---------------------------------------------------------------------- report
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [f"# optimizer_step: time per step() and optimizer-state memory", "", common.machine_markdown(result["machine"]), ""]
+    lines = ["# optimizer_step: time per step() and optimizer-state memory", "", common.machine_markdown(result["machine"]), ""]
     s = result["settings"]
     lines.append(
         f"Settings: rank {s['rank']}, COSMOS update_interval 1 and {s['update_interval']}, ns_dtype bfloat16 "
@@ -367,36 +381,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    if args.update_interval < 2:
-        raise SystemExit(f"--update-interval must be >= 2 (ui=1 is always measured), got {args.update_interval}")
-    if args.models is None:
-        args.models = list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
-    unknown = [m for m in args.models if m not in Config.available()]
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; available: {', '.join(Config.available())}")
-    if (args.rank is not None and args.rank < 0) or args.block < 1 or args.profile_steps < 1:
-        raise SystemExit("--rank must be >= 0, --block and --profile-steps >= 1")
-    if args.rank is None:
-        args.rank = 16 if args.quick else 64
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 2
-    if args.quick:
-        args.block = 1
-    notes: list[str] = []
-    optimizers = list(args.optimizers or OPTIMIZERS)
-    if not _have_pytorch_optimizer():
-        skipped = [o for o in optimizers if o in ("soap", "galore")]
-        if skipped:
-            notes.append(f"skipped {', '.join(skipped)}: pytorch-optimizer is not installed (pip install 'lit-cosmos[bench]')")
-        optimizers = [o for o in optimizers if o not in ("soap", "galore")]
-    optimizers = [o for o in OPTIMIZERS if o in optimizers]  # fixed order: baselines first
-    if "galore" in optimizers:
-        notes.append(f"GaLore refreshes its projector (an SVD) every {GALORE_GAP} steps: its step time is the steady "
-                     "state between refreshes; its first step includes one SVD refresh.")
-    notes.append("Muon = torch.optim.Muon on the matrices + torch.optim.AdamW (default, non-fused) on the rest; "
-                 "COSMOS runs the rest with its own AdamW groups; SOAP/GaLore use torch.optim.AdamW for the rest.")
+    _resolve(args)
+    optimizers, notes = _select_optimizers(args.optimizers)
     machine = common.machine_info(args.device, [NAME, *argv])
     common.warm_kernels()
     models = []
@@ -416,6 +402,46 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             for opt, prof in res.get("profile", {}).items():
                 md += f"\n\n### Profile of {opt}, {res['model']} ({prof['steps']} steps)\n\n```\n{prof['op_table']}\n```"
     return common.publish(args.out, result, md, plot(result))
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Validate the command line and fill in the defaults (full run or ``--quick``)."""
+    if args.update_interval < 2:
+        raise SystemExit(f"--update-interval must be >= 2 (ui=1 is always measured), got {args.update_interval}")
+    if args.models is None:
+        args.models = list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    unknown = [m for m in args.models if m not in Config.available()]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; available: {', '.join(Config.available())}")
+    if (args.rank is not None and args.rank < 0) or args.block < 1 or args.profile_steps < 1:
+        raise SystemExit("--rank must be >= 0, --block and --profile-steps >= 1")
+    if args.rank is None:
+        args.rank = 16 if args.quick else 64
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.quick:
+        args.block = 1
+
+
+def _select_optimizers(requested: Optional[list[str]]) -> tuple[list[str], list[str]]:
+    """The candidates to run, baselines first, and notes on what was left out and why."""
+    notes: list[str] = []
+    optimizers = list(requested or OPTIMIZERS)
+    if not _have_pytorch_optimizer():
+        skipped = [o for o in optimizers if o in ("soap", "galore")]
+        if skipped:
+            notes.append(f"skipped {', '.join(skipped)}: pytorch-optimizer is not installed "
+                         "(pip install 'lit-cosmos[bench]')")
+        optimizers = [o for o in optimizers if o not in ("soap", "galore")]
+    optimizers = [o for o in OPTIMIZERS if o in optimizers]  # fixed order: baselines first
+    if "galore" in optimizers:
+        notes.append(f"GaLore refreshes its projector (an SVD) every {GALORE_GAP} steps: its step time is the steady "
+                     "state between refreshes; its first step includes one SVD refresh.")
+    notes.append("Muon = torch.optim.Muon on the matrices + torch.optim.AdamW (default, non-fused) on the rest; "
+                 "COSMOS runs the rest with its own AdamW groups; SOAP/GaLore use torch.optim.AdamW for the rest.")
+    return optimizers, notes
 
 
 def main(argv: Optional[list[str]] = None) -> None:

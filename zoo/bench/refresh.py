@@ -2,8 +2,9 @@ r"""How often must COSMOS refresh its eigenbasis? Validation loss and ``optimize
 with a refresh every 1, 4 and 16 steps and with the adaptive schedule.
 
 The training setup is :mod:`zoo.bench.convergence`'s (same model, data, token budget and
-warmup-cosine schedule; see there), with COSMOS at one learning rate (``--lr``; the default is
-the rate the convergence sweep chose for COSMOS on the default setup). Variants:
+warmup-cosine schedule, trained by :mod:`zoo.bench.harness`; see there), with COSMOS at one
+learning rate (``--lr``; the default is the rate the convergence sweep chose for COSMOS on the
+default setup). Variants:
 
 ============  =======================================================================
 ``ui=1``      ``COSMOS(update_interval=1)``: a power-iteration refresh on every step (paper).
@@ -45,8 +46,8 @@ import torch
 
 from lit_cosmos import RefreshSchedule
 from zoo.bench import common
-from zoo.bench.convergence import (Data, Run, add_training_args, block_ratio, build_optimizer, curve_band, fmt_loss,
-                                   make_setup, mean_std, settings_dict, setup_markdown, train_lockstep)
+from zoo.bench.harness import (Data, Run, Setup, add_training_args, block_ratio, build_optimizer, curve_band, fmt_loss,
+                               make_setup, mean_std, settings_dict, setup_markdown, train_lockstep)
 
 NAME = "refresh"
 INTERVALS = (1, 4, 16)
@@ -108,79 +109,22 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    setup = make_setup(args, block_default=4 if args.quick else BLOCK)
-    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    if args.seeds < 1 or args.rank < 0 or any(k < 1 for k in args.intervals) or not (math.isfinite(args.lr) and args.lr > 0):
-        raise SystemExit("--seeds and --intervals must be >= 1, --rank >= 0, --lr > 0")
-    if 1 not in args.intervals:
-        raise SystemExit("--intervals must include 1: it is the baseline of the ratios")
-    intervals = tuple(sorted(set(args.intervals)))
+    setup, intervals = _resolve(args)
     machine = common.machine_info(args.device, [NAME, *argv])
     common.warm_kernels()
     data = Data(setup, args.data_cache, args.data)
     variants = variant_names(intervals, not args.no_adaptive)
     seeds = list(range(args.seed, args.seed + args.seeds))
-
-    runs: list[Run] = []
-    schedules: dict[str, tuple[RefreshSchedule, list[dict[str, float]]]] = {}
-    for variant in variants:
-        ui = int(variant[3:]) if variant.startswith("ui=") else 1
-        factory = partial(build_optimizer, "cosmos", lr=args.lr, rank=args.rank, update_interval=ui)
-        for seed in seeds:
-            r = Run.create(f"{variant}/seed={seed}", "cosmos", args.lr, seed, setup, data.vocab_size, factory)
-            r.extra["variant"] = variant
-            if variant == "adaptive":
-                logs: list[dict[str, float]] = []  # what the schedule logs (count, gap, drift) per step
-                sched = RefreshSchedule("adaptive", log_fn=lambda m, t, logs=logs: logs.append({"step": t, **m}))
-                schedules[r.key] = (sched.attach(r.optimizer), logs)
-            runs.append(r)
+    runs, schedules = _build_runs(args, setup, data, variants, seeds)
     counter = _RefreshCounter()
     wall = {"train_s": train_lockstep(runs, setup, data, "refresh variants", not args.no_progress,
                                       before_step=counter.snapshot, after_step=counter.compare)}
     for sched, _ in schedules.values():
         sched.detach()
-
     notes: list[str] = []
-    rows = []
     base = [r for r in runs if r.extra["variant"] == "ui=1"]
-    for variant in variants:
-        vr = [r for r in runs if r.extra["variant"] == variant]
-        counts = [len(r.extra.get("refresh_steps", [])) for r in vr]
-        expected = [expected_refreshes(variant, r.step) if variant != "adaptive" else schedules[r.key][0].refreshes for r in vr]
-        if counts != expected and not any(r.diverged for r in vr):
-            notes.append(f"{variant}: measured refreshes {counts} differ from the schedule's {expected}.")
-        fin, best = [r.final_val for r in vr], [r.best_val for r in vr]
-        paired = [a.final_val - b.final_val for a, b in zip(vr, base)]  # same seed: same weights and batches
-        row = {
-            "variant": variant, "seeds": [r.seed for r in vr], "refreshes": counts, "refreshes_expected": expected,
-            "final_val_loss": fin, "best_val_loss": best,
-            **dict(zip(("final_mean", "final_std"), mean_std(fin))), **dict(zip(("best_mean", "best_std"), mean_std(best))),
-            **dict(zip(("delta_vs_ui1_mean", "delta_vs_ui1_std"), mean_std(paired))),
-            "opt_step_vs_ui1": block_ratio(vr, base, args.block, "opt_s"),
-            "train_step_vs_ui1": block_ratio(vr, base, args.block, "train_s"),
-            "opt_step_ms": 1e3 * statistics.median(s for r in vr for s in r.opt_s[1:]),
-            "diverged": [r.key for r in vr if r.diverged],
-            "curve_band": curve_band([r for r in vr if not r.diverged]) if any(not r.diverged for r in vr) else None,
-            "refresh_steps_first_seed": vr[0].extra.get("refresh_steps", []),
-        }
-        refresh_steps = [(r, set(r.extra.get("refresh_steps", []))) for r in vr]
-        on = [r.opt_s[t - 1] for r, ts in refresh_steps for t in ts]
-        off = [s for r, ts in refresh_steps for t, s in enumerate(r.opt_s[1:], start=2) if t not in ts]
-        if on and off:
-            row["refresh_step_ms"] = 1e3 * statistics.median(on)
-            row["plain_step_ms"] = 1e3 * statistics.median(off)
-            # Each refresh step against the plain steps right before and after it in the same run
-            # (taken moments apart), median over refreshes.
-            local = [r.opt_s[t - 1] / statistics.fmean(r.opt_s[u - 1] for u in (t - 1, t + 1))
-                     for r, ts in refresh_steps for t in ts
-                     if t - 1 >= 2 and t + 1 <= len(r.opt_s) and t - 1 not in ts and t + 1 not in ts]
-            row["refresh_vs_plain_step"] = statistics.median(local) if local else float("nan")
-        if variant == "adaptive":
-            row["adaptive_logs"] = [schedules[r.key][1] for r in vr]
-        rows.append(row)
-        for r in vr:
-            if r.diverged:
-                notes.append(f"run {r.key} diverged ({r.diverged}).")
+    rows = [_variant_row(v, [r for r in runs if r.extra["variant"] == v], base, schedules, args.block, notes)
+            for v in variants]
     wall["total_s"] = time.perf_counter() - t_start
     result = {
         "benchmark": NAME,
@@ -192,8 +136,89 @@ def _run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "rows": rows,
         "runs": [{k: v for k, v in r.summary().items() if k != "train_loss"} for r in runs],
     }
-    md = to_markdown(result)
-    return common.publish(args.out, result, md, plot(result))
+    return common.publish(args.out, result, to_markdown(result), plot(result))
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Setup, tuple[int, ...]]:
+    """The training setup and the constant intervals, validated."""
+    setup = make_setup(args, block_default=4 if args.quick else BLOCK)
+    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    bad_lr = not (math.isfinite(args.lr) and args.lr > 0)
+    if args.seeds < 1 or args.rank < 0 or any(k < 1 for k in args.intervals) or bad_lr:
+        raise SystemExit("--seeds and --intervals must be >= 1, --rank >= 0, --lr > 0")
+    if 1 not in args.intervals:
+        raise SystemExit("--intervals must include 1: it is the baseline of the ratios")
+    return setup, tuple(sorted(set(args.intervals)))
+
+
+Schedules = dict[str, tuple[RefreshSchedule, list[dict[str, float]]]]
+
+
+def _build_runs(args: argparse.Namespace, setup: Setup, data: Data, variants: list[str],
+                seeds: list[int]) -> tuple[list[Run], Schedules]:
+    """One run per variant and seed; the adaptive runs get a schedule that logs into a list."""
+    runs: list[Run] = []
+    schedules: Schedules = {}
+    for variant in variants:
+        ui = int(variant[3:]) if variant.startswith("ui=") else 1
+        factory = partial(build_optimizer, "cosmos", lr=args.lr, rank=args.rank, update_interval=ui)
+        for seed in seeds:
+            r = Run.create(f"{variant}/seed={seed}", "cosmos", args.lr, seed, setup, data.vocab_size, factory)
+            r.extra["variant"] = variant
+            if variant == "adaptive":
+                logs: list[dict[str, float]] = []  # what the schedule logs (count, gap, drift) per step
+                sched = RefreshSchedule("adaptive", log_fn=lambda m, t, logs=logs: logs.append({"step": t, **m}))
+                schedules[r.key] = (sched.attach(r.optimizer), logs)
+            runs.append(r)
+    return runs, schedules
+
+
+def _variant_row(variant: str, vr: list[Run], base: list[Run], schedules: Schedules, block: int,
+                 notes: list[str]) -> dict[str, Any]:
+    """One variant's line: refreshes measured against the schedule's, losses, step-time ratios."""
+    counts = [len(r.extra.get("refresh_steps", [])) for r in vr]
+    expected = [schedules[r.key][0].refreshes if variant == "adaptive" else expected_refreshes(variant, r.step)
+                for r in vr]
+    if counts != expected and not any(r.diverged for r in vr):
+        notes.append(f"{variant}: measured refreshes {counts} differ from the schedule's {expected}.")
+    fin, best = [r.final_val for r in vr], [r.best_val for r in vr]
+    paired = [a.final_val - b.final_val for a, b in zip(vr, base)]  # same seed: same weights and batches
+    row = {
+        "variant": variant, "seeds": [r.seed for r in vr], "refreshes": counts, "refreshes_expected": expected,
+        "final_val_loss": fin, "best_val_loss": best,
+        **dict(zip(("final_mean", "final_std"), mean_std(fin))), **dict(zip(("best_mean", "best_std"), mean_std(best))),
+        **dict(zip(("delta_vs_ui1_mean", "delta_vs_ui1_std"), mean_std(paired))),
+        "opt_step_vs_ui1": block_ratio(vr, base, block, "opt_s"),
+        "train_step_vs_ui1": block_ratio(vr, base, block, "train_s"),
+        "opt_step_ms": 1e3 * statistics.median(s for r in vr for s in r.opt_s[1:]),
+        "diverged": [r.key for r in vr if r.diverged],
+        "curve_band": curve_band([r for r in vr if not r.diverged]) if any(not r.diverged for r in vr) else None,
+        "refresh_steps_first_seed": vr[0].extra.get("refresh_steps", []),
+    }
+    row.update(_refresh_step_times(vr))
+    if variant == "adaptive":
+        row["adaptive_logs"] = [schedules[r.key][1] for r in vr]
+    for r in vr:
+        if r.diverged:
+            notes.append(f"run {r.key} diverged ({r.diverged}).")
+    return row
+
+
+def _refresh_step_times(vr: list[Run]) -> dict[str, float]:
+    """Median ``optimizer.step()`` milliseconds on refresh steps and on the other steps (the first
+    left out), and the median ratio of each refresh step to its plain neighbours."""
+    refresh_steps = [(r, set(r.extra.get("refresh_steps", []))) for r in vr]
+    on = [r.opt_s[t - 1] for r, ts in refresh_steps for t in ts]
+    off = [s for r, ts in refresh_steps for t, s in enumerate(r.opt_s[1:], start=2) if t not in ts]
+    if not (on and off):
+        return {}
+    # Each refresh step against the plain steps right before and after it in the same run
+    # (taken moments apart), median over refreshes.
+    local = [r.opt_s[t - 1] / statistics.fmean(r.opt_s[u - 1] for u in (t - 1, t + 1))
+             for r, ts in refresh_steps for t in ts
+             if t - 1 >= 2 and t + 1 <= len(r.opt_s) and t - 1 not in ts and t + 1 not in ts]
+    return {"refresh_step_ms": 1e3 * statistics.median(on), "plain_step_ms": 1e3 * statistics.median(off),
+            "refresh_vs_plain_step": statistics.median(local) if local else float("nan")}
 
 
 # ---------------------------------------------------------------------- report

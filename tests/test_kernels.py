@@ -136,3 +136,32 @@ def test_subspace_energy_and_drift_closed_forms():
     Q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
     assert float(F.basis_drift(U, U @ Q)) == pytest.approx(0.0, abs=1e-12)
     assert float(F.basis_drift(full[..., :3], full[..., 3:6])) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bf16_gemm_emulation_rounds_like_a_bf16_gemm():
+    # Small integers: every product and sum is exact in float32, so a bf16 GEMM (float32
+    # accumulation, one rounding of the result) and its emulation must agree bit for bit.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-8, 9, (5, 7), generator=g).to(torch.bfloat16)
+    b = torch.randint(-8, 9, (7, 6), generator=g).to(torch.bfloat16)
+    c = torch.randint(-8, 9, (5, 6), generator=g).to(torch.bfloat16)
+    assert torch.equal(F._round_bf16(a.float() @ b.float()), (a @ b).float())
+    native = torch.addmm(c, a, b, beta=3.4445, alpha=-4.775).float()
+    emulated = F._round_bf16(torch.addmm(c.float(), a.float(), b.float(), beta=3.4445, alpha=-4.775))
+    assert torch.equal(native, emulated)
+
+
+def test_emulated_bf16_newton_schulz_is_as_accurate_as_native(monkeypatch):
+    X = torch.randn(24, 40, generator=torch.Generator().manual_seed(1))
+    exact = F.newton_schulz(X, dtype=torch.float32)
+    monkeypatch.setattr(F, "native_bf16_matmul", lambda device: True)
+    native = F.newton_schulz(X, dtype=torch.bfloat16)
+    monkeypatch.setattr(F, "native_bf16_matmul", lambda device: False)
+    emulated = F.newton_schulz(X, dtype=torch.bfloat16)
+    assert emulated.dtype == X.dtype
+    rel = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
+    # Both are bf16 iterations that round at the same points (only the accumulation order inside
+    # a product differs): their distance from the float32 iteration is the same bf16 error, a few
+    # units of 2^-8 amplified by the iteration, so neither may be much worse than the other.
+    assert rel(emulated) <= 2 * rel(native) + 4 * 2.0**-8, (rel(emulated), rel(native))
+    assert rel(native) <= 2 * rel(emulated) + 4 * 2.0**-8, (rel(emulated), rel(native))

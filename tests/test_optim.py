@@ -411,6 +411,21 @@ def test_state_dict_lockstep_round_trip():
     assert fresh_opt.param_groups[0]["update_interval"] == 2
 
 
+def test_load_state_dict_keeps_betas_tuples():
+    # torch.distributed.checkpoint's full-state load (FSDP2, broadcast from rank 0) turns tuples
+    # into lists: the loaded groups must still be what add_param_group makes.
+    ps = _params((6, 4), (4,), seed=21)
+    opt = COSMOS(ps, rank=2)
+    _run(opt, ps, 2)
+    sd = opt.state_dict()
+    for group in sd["param_groups"]:
+        group["betas"] = list(group["betas"])
+    fresh = COSMOS(_clone(ps), rank=2)
+    fresh.load_state_dict(sd)
+    assert [g["betas"] for g in fresh.param_groups] == [g["betas"] for g in opt.param_groups]
+    assert all(type(g["betas"]) is tuple for g in fresh.param_groups)
+
+
 def test_state_memory_equals_formula():
     shapes = [(12, 8), (8, 12), (4, 30), (3, 3), (10,), (2, 3, 4)]
     ps = _params(*shapes, seed=20)

@@ -26,6 +26,10 @@ __all__ = ["COSMOS", "ALGORITHMS", "NS_DTYPES", "saved_param_states"]
 
 ALGORITHMS = ("cosmos", "adamw")
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+#: ``state_dtype`` values: storage of the moments (``M``, ``V``; AdamW's ``exp_avg``, ``exp_avg_sq``).
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: State tensors stored in a group's ``state_dtype``; every other one in the compute dtype.
+MOMENT_KEYS = ("M", "V", "exp_avg", "exp_avg_sq")
 ON_NONFINITE = ("raise", "skip", "off")
 
 
@@ -50,6 +54,14 @@ def saved_param_states(param_groups: list[dict], state_dict: dict[str, Any]) -> 
 def _compute_dtype(p: Tensor) -> torch.dtype:
     """float32 maths for every parameter dtype, float64 for float64 parameters."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _storage_dtype(group: dict, p: Tensor, key: str) -> torch.dtype:
+    """The dtype state tensor ``key`` of ``p`` is stored in: the compute dtype, or for the
+    moments of a ``state_dtype="bfloat16"`` group bfloat16."""
+    if key in MOMENT_KEYS and group.get("state_dtype", "float32") == "bfloat16":
+        return torch.bfloat16
+    return _compute_dtype(p)
 
 
 class COSMOS(Optimizer):
@@ -155,6 +167,7 @@ class COSMOS(Optimizer):
         compile: bool = False,
         batch: Optional[bool] = None,
         comm: "Comm | str | None" = "auto",
+        state_dtype: str = "float32",
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
@@ -172,6 +185,7 @@ class COSMOS(Optimizer):
             ns_dtype=ns_dtype,
             update_interval=update_interval,
             power_iters=power_iters,
+            state_dtype=state_dtype,
         )
         _validate(dict(defaults, algorithm="cosmos"), where="the arguments")
         _validate(dict(defaults, betas=self._adamw_betas, algorithm="adamw"), where="the arguments (adamw_betas)")
@@ -283,7 +297,7 @@ class COSMOS(Optimizer):
         """The empty (zero) state of one COSMOS matrix, with its group's layout and rank."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         st: dict[str, Tensor] = {}
-        self._init_cosmos_state(p, st, group_view(group, p), group["rank"])
+        self._init_cosmos_state(p, st, group_view(group, p), group)
         return st
 
     def state_dict(self) -> dict[str, Any]:
@@ -308,18 +322,30 @@ class COSMOS(Optimizer):
         # torch casts the loaded state to each parameter's dtype, which would round COSMOS's
         # float32 state of bf16/fp16 parameters: keep the saved tensors and take them back after.
         originals = {p: st for _, _, p, _, st in saved_param_states(self.param_groups, state_dict)}
+        # state_dtype is this optimizer's storage choice, not a hyperparameter of the run: the
+        # groups keep theirs, and the loaded tensors are converted to it below.
+        storage = [g.get("state_dtype", "float32") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, dtype in zip(self.param_groups, storage):
+            group["state_dtype"] = dtype
+            # A full-state FSDP2 load (torch.distributed.checkpoint's broadcast from rank 0) hands
+            # tuples back as lists: keep the groups exactly as add_param_group makes them.
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+        # Each state tensor in its storage dtype: a float32 checkpoint loads into a bf16-state
+        # optimizer (rounded to nearest once) and a bf16 one into a float32-state optimizer.
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
         for p, st in self.state.items():
-            cdt = _compute_dtype(p)
             source = originals.get(p, {})
             for key, value in st.items():
                 if key == "step" or not isinstance(value, Tensor):
                     continue
+                want = _storage_dtype(group_of[p], p, key) if p in group_of else _compute_dtype(p)
                 saved = source.get(key)
                 if isinstance(saved, Tensor) and saved.is_floating_point() and saved.dtype != value.dtype:
-                    st[key] = saved.to(device=value.device, dtype=cdt)  # the unrounded saved values
-                elif value.dtype != cdt:
-                    st[key] = value.to(cdt)
+                    st[key] = saved.to(device=value.device, dtype=want)  # the unrounded saved values
+                elif value.dtype != want:
+                    st[key] = value.to(want)
         self._comm.drop_unowned(self.state)
 
     def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
@@ -468,10 +494,10 @@ class COSMOS(Optimizer):
                 continue
             st = self.state[p]
             if not st:
-                cdt = _compute_dtype(p)
                 st["step"] = torch.zeros((), dtype=torch.float32)
-                st["exp_avg"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    st[key] = torch.zeros_like(p, dtype=_storage_dtype(group, p, key),
+                                               memory_format=torch.contiguous_format)
             buckets[(p.device, p.dtype, float(st["step"]))].append(p)
         for (_, dtype, step), ps in buckets.items():
             t = step + 1
@@ -480,11 +506,19 @@ class COSMOS(Optimizer):
                 st["step"].fill_(t)
             params = [local_tensor(p) for p in ps]
             grads = [local_tensor(p.grad).to(_compute_dtype(p)) for p in ps]
-            m = [local_tensor(st["exp_avg"]) for st in states]
-            v = [local_tensor(st["exp_avg_sq"]) for st in states]
+            stored_m = [local_tensor(st["exp_avg"]) for st in states]
+            stored_v = [local_tensor(st["exp_avg_sq"]) for st in states]
+            low = stored_m[0].dtype != grads[0].dtype  # bf16 moments: float32 maths, rounded back
+            m = [x.to(g.dtype) for x, g in zip(stored_m, grads)] if low else stored_m
+            v = [x.to(g.dtype) for x, g in zip(stored_v, grads)] if low else stored_v
             torch._foreach_lerp_(m, grads, 1.0 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+            if low:
+                for p, dst_m, src_m, dst_v, src_v in zip(ps, stored_m, m, stored_v, v):
+                    generator = self._rounding_generator(p, t)
+                    F.stochastic_round_(dst_m, src_m, generator)
+                    F.stochastic_round_(dst_v, src_v, generator)
             denom = torch._foreach_sqrt(v)
             torch._foreach_div_(denom, math.sqrt(1.0 - beta2**t))
             torch._foreach_add_(denom, eps)
@@ -498,6 +532,26 @@ class COSMOS(Optimizer):
                 for p, u in zip(params, updates):
                     p.add_(u.to(dtype), alpha=-step_size)
 
+    def _rounding_generator(self, p: Tensor, t: int, part: int = 0) -> torch.Generator:
+        """The random bits of the stochastic rounding of ``p``'s moments at step ``t``: seeded by
+        (step, position of ``p`` in the optimizer, part), so a resumed run rounds exactly as an
+        uninterrupted one, with no random state to save."""
+        device = local_tensor(p).device
+        generators = self.__dict__.setdefault("_generators", {})
+        generator = generators.get(device)
+        if generator is None:
+            generator = generators[device] = torch.Generator(device=device)
+        position = self._positions().get(id(p), 0)
+        generator.manual_seed((int(t) * 1_000_003 + position * 131 + part) & 0x7FFF_FFFF_FFFF_FFFF)
+        return generator
+
+    def _positions(self) -> dict[int, int]:
+        positions = self.__dict__.get("_position_of")
+        if positions is None or len(positions) != sum(len(g["params"]) for g in self.param_groups):
+            flat = [p for g in self.param_groups for p in g["params"]]
+            positions = self.__dict__["_position_of"] = {id(p): i for i, p in enumerate(flat)}
+        return positions
+
     def _cosmos_group(self, group: dict, request: Optional[int]) -> None:
         # Bucket the matrices of every parameter: a parameter contributes one "slot" per matrix
         # (experts of a stack, parts of a split weight); slots of the same shape, rank, device,
@@ -510,7 +564,7 @@ class COSMOS(Optimizer):
             view = group_view(group, p)
             st = self.state[p]
             if not st:
-                self._init_cosmos_state(p, st, view, group["rank"])
+                self._init_cosmos_state(p, st, view, group)
             r = st["U"].shape[-1]
             local = local_tensor(p)
             sharded_rows = is_dtensor(p) and view.layout != "stack"
@@ -549,18 +603,18 @@ class COSMOS(Optimizer):
         p.add_(view.from_matrices(D, p.shape).to(p.dtype), alpha=-lr_ratio * lr)
 
     @staticmethod
-    def _init_cosmos_state(p: Tensor, st: dict, view: MatrixView, rank: int) -> None:
-        r = view.rank(rank)
+    def _init_cosmos_state(p: Tensor, st: dict, view: MatrixView, group: dict) -> None:
+        r = view.rank(group["rank"])
         shapes = view.state_shapes(r)
-        cdt = _compute_dtype(p)
+        dtypes = {key: _storage_dtype(group, p, key) for key in ("M", "U", "S", "V")}
         st["step"] = torch.zeros((), dtype=torch.float32)
         # M and V follow the parameter's layout (sharded by rows, or by experts, under FSDP2);
         # U and S are small and replicated, except for expert stacks, whose bases are per expert.
-        st["M"] = torch.zeros_like(p, dtype=cdt, memory_format=torch.contiguous_format)
+        st["M"] = torch.zeros_like(p, dtype=dtypes["M"], memory_format=torch.contiguous_format)
         for key in ("U", "S", "V"):
             sharded = is_dtensor(p) and (key == "V" or view.layout == "stack")
-            st[key] = _zeros_sharded_like(p, shapes[key], cdt) if sharded else torch.zeros(
-                shapes[key], dtype=cdt, device=p.device)
+            st[key] = _zeros_sharded_like(p, shapes[key], dtypes[key]) if sharded else torch.zeros(
+                shapes[key], dtype=dtypes[key], device=p.device)
 
     def _cosmos_bucket(
         self, group: dict, slots: list["_Slots"], m: int, m_local: int, n: int, r: int, step: int,
@@ -581,26 +635,31 @@ class COSMOS(Optimizer):
         views = [_slot_views(self.state[s.p], s, r, cdt) for s in slots]
         if sum(v["G"].shape[0] for v in views) == 0:
             return [v["G"] for v in views]  # no local matrix (experts sharded to other ranks)
-        if len(views) == 1:
-            stacks = views[0]
-            if stacks["G"].shape[0] == 1:  # one matrix: 2-D maths, in place
-                stacks = {k: x[0] for k, x in stacks.items()}
-        else:
-            stacks = {k: torch.cat([v[k] for v in views]) for k in views[0]}
+        # Work in place on the state when one slot holds it in the compute dtype; otherwise on
+        # stacked / upcast copies that are written back (bf16 moments by stochastic rounding).
+        copied = {k for k in ("M", "U", "S", "V") if len(views) > 1 or views[0][k].dtype != cdt}
+        work = {k: torch.cat([v[k].to(cdt) for v in views]) if k in copied else views[0][k]
+                for k in ("M", "U", "S", "V")}
+        work["G"] = views[0]["G"] if len(views) == 1 else torch.cat([v["G"] for v in views])
+        if work["G"].shape[0] == 1:  # one matrix: 2-D maths
+            work = {k: x[0] for k, x in work.items()}
         D = cosmos_direction(
-            stacks["G"], stacks["M"], stacks["U"], stacks["S"], stacks["V"], t=t, m=m, n=n, init=init,
+            work["G"], work["M"], work["U"], work["S"], work["V"], t=t, m=m, n=n, init=init,
             refresh=refresh, power_iters=power_iters, beta1=beta1, beta2=beta2, eps=group["eps"],
             gamma=group["gamma"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
             ns_dtype=resolve_ns_dtype(group["ns_dtype"], cdt), comm=comm, newton_schulz=self._ns,
         )
         if D.ndim == 2:
             D = D.unsqueeze(0)
-        if len(views) > 1:
-            # Write the stacked state back into each slot's own tensors.
-            for key in ("M", "U", "S", "V"):
-                dst = [v[key] for v in views]
-                torch._foreach_copy_(dst, list(stacks[key].split([d.shape[0] for d in dst])))
-        return list(D.split([v["G"].shape[0] for v in views]))
+        counts = [v["G"].shape[0] for v in views]
+        for key in copied:
+            pieces = work[key].reshape(-1, *views[0][key].shape[1:]).split(counts)
+            for slot, v, piece in zip(slots, views, pieces):
+                if v[key].dtype == piece.dtype:
+                    v[key].copy_(piece)
+                else:
+                    F.stochastic_round_(v[key], piece, self._rounding_generator(slot.p, t, slot.first))
+        return list(D.split(counts))
 
 
 _LOCAL = LocalComm()
@@ -700,6 +759,8 @@ def _validate(group: dict, where: str) -> None:
             raise bad(key, f"must be an int >= {low}")
     if group["ns_dtype"] not in NS_DTYPES:
         raise bad("ns_dtype", f"must be one of {tuple(NS_DTYPES)}")
+    if group.get("state_dtype", "float32") not in STATE_DTYPES:
+        raise bad("state_dtype", f"must be one of {tuple(STATE_DTYPES)}")
     if not isinstance(group["nesterov"], bool):
         raise bad("nesterov", "must be a bool")
 

@@ -53,19 +53,26 @@ def update_subspace(
     r = U.size(-1)
     if r == 0:
         return
+    # U and S are replicated state: every rank must hold the same bits, or a checkpoint (which
+    # stores one copy of them) resumes the other ranks with values they never had. Each is
+    # therefore taken from one rank (comm.replicate) whenever it changes, never trusted to come
+    # out bitwise equal from rank-local maths on equal inputs: QR, matmuls and elementwise
+    # kernels may round differently on another rank (thread count, CPU features).
     if init:
         U_new = comm.replicate(F.initial_basis(G, r, reduce=comm.all_reduce))
         GU = G @ U_new
         S_new = (1.0 - beta2) * comm.all_reduce(GU.mT @ GU)
         U.copy_(U_new)
-        S.copy_(S_new)
+        S.copy_(comm.replicate(S_new))
     elif refresh:
-        U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce)
-        U.copy_(comm.replicate(U_new))
-        S.copy_(S_new)
+        U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce,
+                                           replicate=comm.replicate)
+        U.copy_(U_new)
+        S.copy_(comm.replicate(S_new))
     else:
         GU = G @ U
         S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
+        S.copy_(comm.replicate(S))
     V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
 
 

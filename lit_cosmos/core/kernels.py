@@ -28,6 +28,7 @@ __all__ = [
     "native_bf16_matmul",
     "newton_schulz",
     "polar_factor",
+    "stochastic_round_",
     "top_eigenvectors",
     "initial_basis",
     "refresh_basis",
@@ -135,6 +136,25 @@ def native_bf16_matmul(device: torch.device) -> bool:
     return device.type != "cpu" or _cpu_has_bf16_dot()
 
 
+def stochastic_round_(dst: Tensor, src: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Write float32 ``src`` into bfloat16 ``dst``, rounding each entry up or down at random with
+    the probabilities that make the rounding exact in expectation: ``E[dst] = src``.
+
+    A bf16 number keeps the top 16 bits of a float32 one. Adding a uniform random integer in
+    ``[0, 2^16)`` to the float32 bit pattern and dropping the low 16 bits rounds the magnitude up
+    with probability (discarded bits) / 2^16, for either sign. Round-to-nearest would instead
+    drop every change smaller than half a bf16 unit (2^-9 relative): an exponential moving
+    average ``m <- b m + (1 - b) g`` with ``1 - b`` near 2^-9 or smaller would stop moving.
+    Deterministic for a given ``generator`` state. Returns ``dst``.
+    """
+    if dst.dtype != torch.bfloat16 or src.dtype != torch.float32:
+        raise ValueError(f"stochastic_round_ writes float32 into bfloat16, got {src.dtype} into {dst.dtype}")
+    src = src.contiguous()
+    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    bits = src.view(torch.int32).add(noise).bitwise_and_(-65536)  # -65536 = 0xFFFF0000
+    return dst.copy_(bits.view(torch.float32))  # exact: the low 16 bits are zero
+
+
 def polar_factor(X: Tensor) -> Tensor:
     """Exact slow twin of :func:`newton_schulz`'s target: ``U_svd @ Vh_svd`` of each matrix."""
     U, _, Vh = torch.linalg.svd(X.double(), full_matrices=False)
@@ -165,6 +185,7 @@ def refresh_basis(
     beta2: float,
     power_iters: int = 1,
     reduce: Reduce = _identity,
+    replicate: Reduce = _identity,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Power-iteration refresh of the basis on :math:`H = \beta_2 U S U^\top + (1-\beta_2) G^\top G`.
 
@@ -172,6 +193,10 @@ def refresh_basis(
     ``U' = QR(H U')``. The projected second moment is carried into the new basis with
     ``T = U^T U'``: ``S' = b2 T^T S T + (1-b2) (G U')^T (G U')`` (= ``U'^T H U'``).
     ``H`` is never formed: every product is ``n x r`` or smaller.
+
+    ``replicate`` makes the final ``U'`` identical on every rank holding rows of ``G`` (a
+    broadcast under FSDP2) before ``S'`` and ``G U'`` are formed from it: the QR runs on every
+    rank, and its last bits depend on each rank's kernels (MKL's differ with the thread count).
 
     Returns:
         ``(U', S', G U')`` with ``U'`` contiguous (QR returns a column-major Q).
@@ -184,7 +209,7 @@ def refresh_basis(
         # U^T U = I, so on the first iteration U S (U^T P) = U S.
         SP = S if i == 0 else S @ (U.mT @ P)
         P, _ = torch.linalg.qr(beta2 * (U @ SP) + (1.0 - beta2) * gram_P)
-    P = P.contiguous()
+    P = replicate(P.contiguous())
     T = U.mT @ P
     GP = G @ P
     S_new = beta2 * (T.mT @ S @ T) + (1.0 - beta2) * reduce(GP.mT @ GP)

@@ -89,16 +89,27 @@ def memory_report(
     optimizer's matrix formula (COSMOS with the group's ``rank`` unless ``rank`` is given,
     :data:`~lit_cosmos.core.matrices.DEFAULT_RANK` when the group has none); all others fall back
     to AdamW for every optimizer, as they do in practice (embeddings, heads, norms and biases are
-    not Muon/COSMOS material).
+    not Muon/COSMOS material). AdamW, Muon and SOAP are counted with ``bytes_per_element`` per
+    element (float32 state); COSMOS as it stores its state: a group with
+    ``state_dtype="bfloat16"`` keeps its moments (``M``, ``V``, AdamW's ``exp_avg`` and
+    ``exp_avg_sq``) in 2 bytes, the bases ``U``, ``S`` in ``bytes_per_element``.
     """
     totals = dict.fromkeys(OPTIMIZERS, 0)
     for g in param_groups:
         r = rank if rank is not None else g.get("rank", DEFAULT_RANK)
+        moment = 2 if g.get("state_dtype", "float32") == "bfloat16" else bytes_per_element
+        layout, split = g.get("matrix_layout") or "auto", g.get("split")
         for item in g["params"]:
             p = param_tensor(item)
             matrix = is_matrix(g, p)
             for opt in OPTIMIZERS:
-                numel = formula_numel(tuple(p.shape), opt, r, matrix=matrix, layout=g.get("matrix_layout") or "auto",
-                                      split=g.get("split"))
+                numel = formula_numel(tuple(p.shape), opt, r, matrix=matrix, layout=layout, split=split)
                 totals[opt] += numel * bytes_per_element
+            if moment != bytes_per_element:  # COSMOS's own storage
+                if matrix:
+                    view = matrix_view(p.shape, layout, split)
+                    moments = view.batch * view.m * (view.n + view.rank(r))
+                else:
+                    moments = 2 * p.numel()
+                totals["cosmos"] -= moments * (bytes_per_element - moment)
     return totals

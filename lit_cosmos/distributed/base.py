@@ -10,8 +10,8 @@ optimizer hands it tensors, its state mapping and a state builder.
   every rank), whenever the groups change.
 * :meth:`Comm.all_reduce` sums a tensor of partial products over the ranks holding rows of the
   same matrix (identity in one process).
-* :meth:`Comm.replicate` makes a small replicated tensor (the basis ``U``) bitwise identical on
-  every rank.
+* :meth:`Comm.replicate` makes a small replicated tensor (the basis ``U``, the projected second
+  moment ``S``) bitwise identical on every rank.
 * :meth:`Comm.orthogonalize` applies an orthogonalising kernel to a stack of residuals, given
   this rank's rows of each.
 * :meth:`Comm.all_finite` decides, identically on every rank, whether all gradients are finite.

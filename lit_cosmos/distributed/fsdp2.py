@@ -12,6 +12,7 @@ quantity                         communication
 ``(G U)^T (G U)`` (r x r)        all-reduce of r*r
 first basis: ``G^T G`` (n x n)   all-reduce of n*n, first step only
 ``U`` after QR / eigh            broadcast of n*r from one rank (keeps U bitwise identical)
+``S`` after every update         broadcast of r*r from one rank (keeps S bitwise identical)
 ``NS5(R)``                       the residual's rows gathered on ONE owner rank per matrix,
                                  orthogonalised there, rows scattered back
 Frobenius norms                  all-reduce of one scalar per matrix

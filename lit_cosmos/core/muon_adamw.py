@@ -23,6 +23,8 @@ __all__ = ["MuonAdamW", "MUON_ALGORITHMS", "ADJUST_LR_FNS"]
 #: ``algorithm`` values of a param group that get Muon (``"cosmos"``: a COSMOS-routed matrix group).
 MUON_ALGORITHMS = ("muon", "cosmos")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
+# Shape factors that depend on which side of the stored matrix is the output.
+_ASYMMETRIC = (None, "original", "spectral_unclamped")
 
 
 def _shard_placements(t: Tensor) -> tuple:
@@ -74,7 +76,12 @@ class MuonAdamW(Optimizer):
     Group routing (by a group's ``algorithm`` key):
 
     - ``"muon"`` or ``"cosmos"`` (so the groups of :func:`lit_cosmos.cosmos_param_groups` work
-      unchanged): Muon; every parameter must be 2-D. Stored as ``"muon"``.
+      unchanged): Muon; every parameter must be 2-D. Stored as ``"muon"``. The routing's
+      ``matrix_layout`` key: ``"linear"`` and ``"transposed"`` are taken as they are (Newton-Schulz
+      commutes with transposition, :math:`\mathrm{NS}(X^\top) = \mathrm{NS}(X)^\top`, and so does
+      the symmetric ``"match_rms_adamw"`` factor; the other ``adjust_lr_fn`` values read the stored
+      shape and are refused for transposed groups); ``"stack"`` and ``"flatten"`` (3-D and more)
+      and a ``split`` are refused with a ``ValueError`` saying what to route instead.
     - ``"adamw"``: AdamW.
     - absent: split like :class:`lit_cosmos.COSMOS`: 2-D parameters to Muon, the rest to AdamW.
       Embeddings and the output head are then on Muon too: prefer ``cosmos_param_groups``.
@@ -105,7 +112,8 @@ class MuonAdamW(Optimizer):
 
     Raises:
         ValueError: an invalid hyperparameter (the message names it), an unknown ``algorithm``,
-            a Muon-group parameter that is not 2-D, or no parameters.
+            a Muon-group parameter that is not 2-D (an expert stack, a convolution), a Muon group with
+            a ``split``, a transposed group with a shape-dependent ``adjust_lr_fn``, or no parameters.
         ImportError: torch without ``torch.optim.Muon`` (before 2.9).
 
     Example::
@@ -176,7 +184,21 @@ class MuonAdamW(Optimizer):
             return
         if alg in MUON_ALGORITHMS:
             alg = "muon"
+            layout = group.get("matrix_layout")
+            if group.get("split") is not None:
+                raise ValueError(
+                    f"MuonAdamW cannot split matrices: {where} has split={group['split']!r}, but torch.optim.Muon "
+                    "orthogonalises each parameter as one matrix; drop split= from cosmos_param_groups, or use "
+                    "lit_cosmos.COSMOS"
+                )
             for item in items:
+                if _tensor(item).ndim != 2 and layout == "stack":
+                    label = f"{item[0]!r} " if isinstance(item, tuple) else ""
+                    raise ValueError(
+                        f"Muon needs 2-D matrices: parameter {label}of shape {tuple(_tensor(item).shape)} in {where} "
+                        "is an expert stack (matrix_layout='stack'), and torch.optim.Muon has no per-expert path; "
+                        "route the stacks to AdamW (cosmos_param_groups(..., stacks='adamw')) or use lit_cosmos.COSMOS"
+                    )
                 if _tensor(item).ndim != 2:
                     label = f"{item[0]!r} " if isinstance(item, tuple) else ""
                     raise ValueError(
@@ -202,6 +224,12 @@ class MuonAdamW(Optimizer):
         if _is_seq(group.get("betas")):
             group["betas"] = tuple(float(b) for b in group["betas"])
         (_validate_muon if alg == "muon" else _validate_adamw)(group, where=where, names={})
+        if alg == "muon" and group.get("matrix_layout") == "transposed" and group["adjust_lr_fn"] in _ASYMMETRIC:
+            raise ValueError(
+                f"adjust_lr_fn={group['adjust_lr_fn']!r} in {where}: torch.optim.Muon scales by the stored shape "
+                "(rows / columns), and these weights are stored transposed (in, out), so they would get the "
+                "factor of their transpose; use adjust_lr_fn='match_rms_adamw', which is symmetric"
+            )
         super().add_param_group(group)
         self._link()
 

@@ -110,6 +110,10 @@ def check_strategy(strategy: Any) -> None:
         raise RuntimeError(FSDP1_ERROR)
 
 _COSMOS_ARGS = tuple(p for p in inspect.signature(COSMOS).parameters if p != "params")
+_ROUTING_ARGS = tuple(
+    name for name, p in inspect.signature(cosmos_param_groups).parameters.items()
+    if name != "module" and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+)
 
 
 def _is_number(v: Any) -> bool:
@@ -277,13 +281,15 @@ class CosmosMixin:
     def cosmos_param_groups(self) -> list[dict[str, Any]]:
         """The routed param groups handed to the optimizer. Override to change the routing.
 
-        Default: :func:`lit_cosmos.cosmos_param_groups` with ``cosmos_config``'s ``overrides``,
-        ``head_names`` and ``conv``; the groups carry no hyperparameters except the
-        ``adamw_no_decay`` group's ``weight_decay=0``, so any injected optimizer accepts them.
+        Default: :func:`lit_cosmos.cosmos_param_groups` with every ``cosmos_config`` field that is
+        one of its keyword arguments (``overrides``, ``head_names``, ``conv``...); the groups carry
+        no hyperparameters except the ``adamw_no_decay`` group's ``weight_decay=0``, so any
+        injected optimizer accepts them.
         """
         cfg = self.cosmos_config
         module: nn.Module = self  # type: ignore[assignment]
-        return cosmos_param_groups(module, overrides=cfg.overrides, head_names=tuple(cfg.head_names), conv=cfg.conv)
+        routing = {name: getattr(cfg, name) for name in _ROUTING_ARGS if hasattr(cfg, name)}
+        return cosmos_param_groups(module, **routing)
 
     def cosmos_total_steps(self) -> int:
         """Total optimizer steps of the schedule: ``cosmos_config.max_steps`` or the trainer's estimate."""

@@ -165,3 +165,31 @@ def test_emulated_bf16_newton_schulz_is_as_accurate_as_native(monkeypatch):
     # units of 2^-8 amplified by the iteration, so neither may be much worse than the other.
     assert rel(emulated) <= 2 * rel(native) + 4 * 2.0**-8, (rel(emulated), rel(native))
     assert rel(native) <= 2 * rel(emulated) + 4 * 2.0**-8, (rel(emulated), rel(native))
+
+
+def test_low_precision_products_round_only_their_inputs():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(6, 9, generator=g), torch.randn(3, 9, 5, generator=g)
+    # Inputs already representable in the input precision: the product is the float32 one.
+    for precision, round_ in (("bfloat16", F._round_bf16), ("tf32", F._round_tf32)):
+        products = F.Products(precision)
+        a_r, b_r = round_(a), round_(b)
+        assert torch.equal(products.mm(a_r, b_r), a_r @ b_r)
+        assert products.mm(a, b).dtype == torch.float32
+        c = torch.randn(3, 6, 5, generator=g)
+        assert torch.allclose(products.addmm(c, a_r, b_r, beta=0.5, alpha=-2.0), 0.5 * c - 2.0 * (a_r @ b_r),
+                              rtol=0, atol=1e-5)  # |c|, |a b| = O(3): a few float32 units
+    with pytest.raises(ValueError, match="subspace_dtype must be one of"):
+        F.Products("float16")
+
+
+def test_tf32_rounding_keeps_ten_mantissa_bits_to_nearest_even():
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    t = F._round_tf32(x)
+    assert torch.equal(t.view(torch.int32) & 0x1FFF, torch.zeros_like(t.view(torch.int32)))
+    assert ((t - x).abs() <= 2.0**-11 * x.abs()).all()  # half a unit of a 10-bit mantissa
+    one = torch.tensor(1.0)
+    ulp = 2.0**-10
+    ties = torch.tensor([1.0 + ulp / 2, 1.0 + 1.5 * ulp])  # halfway: to the even neighbour
+    assert F._round_tf32(ties).tolist() == [1.0, 1.0 + 2 * ulp]
+    assert F._round_tf32(one).item() == 1.0

@@ -168,6 +168,7 @@ class COSMOS(Optimizer):
         batch: Optional[bool] = None,
         comm: "Comm | str | None" = "auto",
         state_dtype: str = "float32",
+        subspace_dtype: str = "float32",
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
@@ -186,6 +187,7 @@ class COSMOS(Optimizer):
             update_interval=update_interval,
             power_iters=power_iters,
             state_dtype=state_dtype,
+            subspace_dtype=subspace_dtype,
         )
         _validate(dict(defaults, algorithm="cosmos"), where="the arguments")
         _validate(dict(defaults, betas=self._adamw_betas, algorithm="adamw"), where="the arguments (adamw_betas)")
@@ -648,6 +650,7 @@ class COSMOS(Optimizer):
             refresh=refresh, power_iters=power_iters, beta1=beta1, beta2=beta2, eps=group["eps"],
             gamma=group["gamma"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
             ns_dtype=resolve_ns_dtype(group["ns_dtype"], cdt), comm=comm, newton_schulz=self._ns,
+            products=_PRODUCTS[group.get("subspace_dtype", "float32")],
         )
         if D.ndim == 2:
             D = D.unsqueeze(0)
@@ -663,6 +666,7 @@ class COSMOS(Optimizer):
 
 
 _LOCAL = LocalComm()
+_PRODUCTS = {name: F.Products(name) for name in F.SUBSPACE_DTYPES}
 
 
 class _Slots:
@@ -761,6 +765,8 @@ def _validate(group: dict, where: str) -> None:
         raise bad("ns_dtype", f"must be one of {tuple(NS_DTYPES)}")
     if group.get("state_dtype", "float32") not in STATE_DTYPES:
         raise bad("state_dtype", f"must be one of {tuple(STATE_DTYPES)}")
+    if group.get("subspace_dtype", "float32") not in F.SUBSPACE_DTYPES:
+        raise bad("subspace_dtype", f"must be one of {F.SUBSPACE_DTYPES}")
     if not isinstance(group["nesterov"], bool):
         raise bad("nesterov", "must be a bool")
 

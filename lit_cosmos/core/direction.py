@@ -44,6 +44,7 @@ def update_subspace(
     power_iters: int,
     beta2: float,
     comm: Comm,
+    products: F.Products = F.FLOAT32_PRODUCTS,
 ) -> None:
     """The subspace half of a step, in place: the first basis (``init``), a power-iteration
     refresh (``refresh``) or plain accumulation of ``S`` in the current basis; then ``V``.
@@ -66,11 +67,11 @@ def update_subspace(
         S.copy_(comm.replicate(S_new))
     elif refresh:
         U_new, S_new, GU = F.refresh_basis(U, S, G, beta2, power_iters, reduce=comm.all_reduce,
-                                           replicate=comm.replicate)
+                                           replicate=comm.replicate, products=products)
         U.copy_(U_new)
         S.copy_(comm.replicate(S_new))
     else:
-        GU = G @ U
+        GU = products.mm(G, U)
         S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
         S.copy_(comm.replicate(S))
     V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
@@ -91,6 +92,7 @@ def combine(
     ns_dtype: torch.dtype,
     comm: Comm,
     newton_schulz: Callable[..., Tensor] = F.newton_schulz,
+    products: F.Products = F.FLOAT32_PRODUCTS,
 ) -> Tensor:
     """The combination half of a step: Adam on ``X``'s coordinates in ``span(U)``, Newton-Schulz
     on the residual, ``A + gamma sqrt(mn) B`` rescaled to per-entry RMS 1. ``X`` is consumed."""
@@ -98,7 +100,7 @@ def combine(
     r = U.size(-1)
     keep_residual = None
     if r > 0:
-        Y, R = F.project(X, U)  # R = X - Y U^T, orthogonal to U
+        Y, R = F.project(X, U, products)  # R = X - Y U^T, orthogonal to U
         # Parts at roundoff level of the whole matrix are zeros in exact arithmetic, and must stay
         # zeros: Newton-Schulz would blow a roundoff residual up to a unit-norm noise matrix, and
         # Adam would divide roundoff by roundoff along directions of U that carry no energy. Both
@@ -130,12 +132,12 @@ def combine(
             # we project it out and renormalise (a no-op at full precision), without forming
             # the projection: ||B - B U U^T||^2 = ||B||^2 - ||B U||^2 = 1 - ||B U||^2, and
             # A + c (B - B U U^T) = c B + (Yd - c B U) U^T.
-            BU = B @ U
+            BU = products.mm(B, U)
             inside = comm.all_reduce(torch.linalg.matrix_norm(BU, keepdim=True).square_())
             c = (gamma * scale) / (1.0 - inside).clamp_min(1e-30).sqrt_()
-            Gt = F.addmm(B.mul_(c), Yd.sub_(BU.mul_(c)), U.mT)
+            Gt = products.addmm(B.mul_(c), Yd.sub_(BU.mul_(c)), U.mT)
         else:
-            Gt = F.addmm(B.mul_(gamma * scale), Yd, U.mT)
+            Gt = products.addmm(B.mul_(gamma * scale), Yd, U.mT)
     norm = comm.all_reduce(torch.linalg.matrix_norm(Gt, keepdim=True).square_()).sqrt_()
     return Gt.mul_(scale / norm.clamp_min(1e-30))
 
@@ -162,6 +164,7 @@ def cosmos_direction(
     ns_dtype: torch.dtype,
     comm: Comm,
     newton_schulz: Callable[..., Tensor] = F.newton_schulz,
+    products: F.Products = F.FLOAT32_PRODUCTS,
 ) -> Tensor:
     """One COSMOS step on a stack of ``b`` matrices: :func:`update_subspace`, then
     :func:`combine` on :func:`momentum_estimate`.
@@ -172,7 +175,8 @@ def cosmos_direction(
     ``comm`` sums partial products over ranks and orthogonalises residuals on their owners.
     """
     M.lerp_(G, 1.0 - beta1)
-    update_subspace(G, U, S, V, init=init, refresh=refresh, power_iters=power_iters, beta2=beta2, comm=comm)
+    update_subspace(G, U, S, V, init=init, refresh=refresh, power_iters=power_iters, beta2=beta2, comm=comm,
+                    products=products)
     X = momentum_estimate(G, M, t=t, beta1=beta1, nesterov=nesterov)
     return combine(X, U, V, t=t, m=m, n=n, beta2=beta2, eps=eps, gamma=gamma, ns_steps=ns_steps,
-                   ns_dtype=ns_dtype, comm=comm, newton_schulz=newton_schulz)
+                   ns_dtype=ns_dtype, comm=comm, newton_schulz=newton_schulz, products=products)

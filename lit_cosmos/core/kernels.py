@@ -24,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "NS_COEFFICIENTS",
+    "Products",
+    "SUBSPACE_DTYPES",
     "addmm",
     "native_bf16_matmul",
     "newton_schulz",
@@ -55,6 +57,82 @@ def addmm(input: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float =
     if input.ndim == 2:
         return torch.addmm(input, a, b, beta=beta, alpha=alpha)
     return torch.baddbmm(input, a, b, beta=beta, alpha=alpha)
+
+
+#: ``subspace_dtype`` values: the input precision of the ``m x n x r`` subspace products.
+SUBSPACE_DTYPES = ("float32", "bfloat16", "tf32")
+
+
+class Products:
+    """The ``m x n x r`` products of a COSMOS step (``G U``, ``G^T (G U)``, ``X U``, ``Y U^T``) in
+    a chosen input precision, always accumulated and returned in float32 (float64 stays float64).
+
+    * ``"float32"``: plain float32 GEMMs.
+    * ``"bfloat16"``: inputs rounded to bf16 (8-bit mantissa), products exact, float32 sums: a
+      bf16 tensor-core GEMM with float32 output on CUDA (``out_dtype``), emulated elsewhere.
+    * ``"tf32"``: inputs rounded to TF32 (10-bit mantissa), float32 sums: the TF32 tensor cores
+      of NVIDIA GPUs (compute capability 8.0 and up) on CUDA, emulated elsewhere. Emulation
+      gives the numerics (for measurement), not the speed.
+
+    QR, ``eigh``, the ``r x r`` products of ``S`` and Newton-Schulz are not affected.
+    """
+
+    def __init__(self, precision: str = "float32") -> None:
+        if precision not in SUBSPACE_DTYPES:
+            raise ValueError(f"subspace_dtype must be one of {SUBSPACE_DTYPES}, got {precision!r}")
+        self.precision = precision
+
+    def mm(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.precision == "float32" or a.dtype == torch.float64:
+            return a @ b
+        if a.device.type == "cuda":
+            if self.precision == "tf32":
+                with _cuda_tf32():
+                    return a @ b
+            return _bf16_mm_float32_out(a, b)
+        round_ = _round_bf16 if self.precision == "bfloat16" else _round_tf32
+        return round_(a) @ round_(b)
+
+    def addmm(self, input: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+        """``beta * input + alpha * (a @ b)``."""
+        if self.precision == "float32" or a.dtype == torch.float64:
+            return addmm(input, a, b, beta=beta, alpha=alpha)
+        product = self.mm(a, b)
+        return product.mul_(alpha).add_(input, alpha=beta) if beta != 1.0 else product.mul_(alpha).add_(input)
+
+
+#: The default: float32 products (the algorithm as specified).
+FLOAT32_PRODUCTS = Products("float32")
+
+
+def _round_tf32(x: Tensor) -> Tensor:
+    """float32 -> the nearest TF32 value (10 mantissa bits, ties to even), kept in float32."""
+    bits = x.float().contiguous().view(torch.int32)
+    lsb = bits.bitwise_right_shift(13).bitwise_and_(1)
+    return bits.add(0xFFF).add_(lsb).bitwise_and_(~0x1FFF).view(torch.float32)
+
+
+class _cuda_tf32:
+    def __enter__(self) -> None:
+        self._old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self._old
+
+
+def _bf16_mm_float32_out(a: Tensor, b: Tensor) -> Tensor:
+    """bf16 inputs, float32 accumulation and output, on CUDA (``out_dtype``, torch >= 2.8)."""
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    try:
+        if a16.ndim == 2 and b16.ndim == 2:
+            return torch.mm(a16, b16, out_dtype=torch.float32)
+        batch = torch.broadcast_shapes(a16.shape[:-2], b16.shape[:-2])
+        a3 = a16.expand(*batch, *a16.shape[-2:]).reshape(-1, *a16.shape[-2:])
+        b3 = b16.expand(*batch, *b16.shape[-2:]).reshape(-1, *b16.shape[-2:])
+        return torch.bmm(a3, b3, out_dtype=torch.float32).reshape(*batch, a16.shape[-2], b16.shape[-1])
+    except (TypeError, RuntimeError):  # a torch without out_dtype: bf16 output, rounded once
+        return (a16 @ b16).float()
 
 
 def newton_schulz(
@@ -186,6 +264,7 @@ def refresh_basis(
     power_iters: int = 1,
     reduce: Reduce = _identity,
     replicate: Reduce = _identity,
+    products: Products = FLOAT32_PRODUCTS,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Power-iteration refresh of the basis on :math:`H = \beta_2 U S U^\top + (1-\beta_2) G^\top G`.
 
@@ -205,13 +284,13 @@ def refresh_basis(
         raise ValueError(f"power_iters must be >= 1, got {power_iters}")
     P = U
     for i in range(power_iters):
-        gram_P = reduce(G.mT @ (G @ P))
+        gram_P = reduce(products.mm(G.mT, products.mm(G, P)))
         # U^T U = I, so on the first iteration U S (U^T P) = U S.
         SP = S if i == 0 else S @ (U.mT @ P)
         P, _ = torch.linalg.qr(beta2 * (U @ SP) + (1.0 - beta2) * gram_P)
     P = replicate(P.contiguous())
     T = U.mT @ P
-    GP = G @ P
+    GP = products.mm(G, P)
     S_new = beta2 * (T.mT @ S @ T) + (1.0 - beta2) * reduce(GP.mT @ GP)
     return P, S_new, GP
 
@@ -228,13 +307,13 @@ def refresh_basis_reference(U: Tensor, S: Tensor, G: Tensor, beta2: float, power
     return P
 
 
-def project(X: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+def project(X: Tensor, U: Tensor, products: Products = FLOAT32_PRODUCTS) -> tuple[Tensor, Tensor]:
     """Split ``X`` into its coordinates in ``span(U)`` and the residual.
 
     Returns ``(Y, R)`` with ``Y = X U`` (``m x r``) and ``R = X - Y U^T``, orthogonal to ``U``.
     """
-    Y = X @ U
-    return Y, addmm(X, Y, U.mT, alpha=-1.0)
+    Y = products.mm(X, U)
+    return Y, products.addmm(X, Y, U.mT, alpha=-1.0)
 
 
 def normalized_orthogonal(

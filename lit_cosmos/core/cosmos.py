@@ -95,7 +95,10 @@ class COSMOS(Optimizer):
 
     State per matrix: ``step``, ``M`` (m x n), ``U`` (n x r), ``S`` (r x r), ``V`` (m x r):
     ``mn + mr + nr + r^2`` elements (AdamW: ``2mn``). State per AdamW parameter: ``step``,
-    ``exp_avg``, ``exp_avg_sq``. All state is float32 and contiguous.
+    ``exp_avg``, ``exp_avg_sq``. All state is float32 (``state_dtype`` can store the moments in
+    bf16) and contiguous. A param group's ``matrix_layout`` and ``split`` say which matrices a
+    parameter holds (expert stacks, transposed ``Conv1D`` weights, fused weights as their parts:
+    :mod:`lit_cosmos.core.matrices`); each gets its own basis.
 
     Matrices of the same shape in a group are stacked and processed by batched matmul / QR /
     Newton-Schulz calls.
@@ -116,7 +119,8 @@ class COSMOS(Optimizer):
         weight_decay: decoupled weight decay, multiplied by ``lr`` (default 0.1).
         nesterov: use the Nesterov momentum ``X`` (default True).
         ns_steps: Newton-Schulz iterations (default 5).
-        ns_dtype: ``"bfloat16"`` (default) or ``"float32"``: Newton-Schulz compute dtype.
+        ns_dtype: ``"bfloat16"`` (default) or ``"float32"``: Newton-Schulz compute dtype. On CPUs
+            without bf16 dot products (AVX2 only) bf16 GEMMs are emulated at float32 speed.
         update_interval: refresh the basis every this many steps (default 1 = every step, as the
             paper); 0 refreshes only when :meth:`request_refresh` asks.
         power_iters: power iterations per refresh (default 1).
@@ -124,7 +128,9 @@ class COSMOS(Optimizer):
         on_nonfinite: a NaN/Inf gradient ``"raise"`` (default) a ``FloatingPointError`` with
             state and parameters untouched, ``"skip"`` the whole step likewise, or ``"off"``
             skips the check (saves one host sync per step, e.g. under a GradScaler).
-        compile: ``torch.compile`` the Newton-Schulz kernel (helps on GPUs; default False).
+        compile: ``torch.compile`` the whole per-bucket update (state updates, subspace
+            products, Newton-Schulz, combination): one graph per bucket shape and step kind.
+            Helps on GPUs; compilation takes a while on the first steps (default False).
         batch: stack matrices of the same shape into batched matmul / QR / Newton-Schulz calls.
             ``None`` (default): on accelerators yes; on CPUs no, where one 2-D GEMM per matrix
             measured faster than a batched one and stacking only adds copies.
@@ -133,6 +139,17 @@ class COSMOS(Optimizer):
             rank computes every update), DTensors sharded by rows run the FSDP2 path.
             ``"ddp_split"`` splits the matrix work across DDP ranks (see
             :mod:`lit_cosmos.distributed`); ``"local"`` forces one process.
+
+        state_dtype: ``"float32"`` (default) or ``"bfloat16"``: storage of the moments ``M``,
+            ``V`` and the AdamW groups' ``exp_avg``, ``exp_avg_sq``, updated in float32 and
+            written back by stochastic rounding (exact in expectation; round-to-nearest would
+            freeze averages whose steps are below half a bf16 unit). ``U`` and ``S`` stay
+            float32. A checkpoint loads into either storage; this optimizer's choice is kept.
+        subspace_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"tf32"``: input precision
+            of the ``m x n x r`` products (``G U``, ``G^T (G U)``, ``X U``, ``Y U^T``), always
+            accumulated in float32 (:class:`lit_cosmos.core.kernels.Products`); QR, ``eigh``,
+            ``S`` and Newton-Schulz are unaffected. Native on CUDA, emulated elsewhere (for
+            measurement: no speed). See docs/algorithm.md for the measured error.
 
     Raises:
         ValueError: for an invalid hyperparameter, algorithm, or a COSMOS parameter with
@@ -200,7 +217,7 @@ class COSMOS(Optimizer):
         self._refresh_request: Optional[int] = None
         self._compile = bool(compile)
         self._comm_spec = comm
-        self._ns = torch.compile(F.newton_schulz, dynamic=None) if compile else F.newton_schulz
+        self._direction = _compiled_direction() if compile else cosmos_direction
         super().__init__(list(params) if not isinstance(params, Tensor) else [params], defaults)
         self._comm = resolve_comm(comm, [p for g in self.param_groups for p in g["params"]])
         self._bind_comm()
@@ -283,8 +300,8 @@ class COSMOS(Optimizer):
         self.__dict__.setdefault("_adamw_betas", (0.9, 0.95))
         self.__dict__.setdefault("_compile", False)
         self.__dict__.setdefault("_comm_spec", "auto")
-        if "_ns" not in self.__dict__:
-            self._ns = torch.compile(F.newton_schulz, dynamic=None) if self._compile else F.newton_schulz
+        if "_direction" not in self.__dict__:
+            self._direction = _compiled_direction() if self._compile else cosmos_direction
         if "_comm" not in self.__dict__:
             # e.g. "ddp_split" or "auto" (FSDP2 for DTensor parameters), for the copy's parameters
             self._comm = resolve_comm(self._comm_spec, [p for g in self.param_groups for p in g["params"]])
@@ -409,7 +426,7 @@ class COSMOS(Optimizer):
                 continue
             for p in group["params"]:
                 st = self.state.get(p)
-                if st and float(st["step"]) > 0:
+                if st and self._step_count(p, st) > 0:
                     yield group, p, st
 
     def _describe_nonfinite(self) -> str:
@@ -497,15 +514,17 @@ class COSMOS(Optimizer):
             st = self.state[p]
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32)
+                self._count_step(p, st, 0)
                 for key in ("exp_avg", "exp_avg_sq"):
                     st[key] = torch.zeros_like(p, dtype=_storage_dtype(group, p, key),
                                                memory_format=torch.contiguous_format)
-            buckets[(p.device, p.dtype, float(st["step"]))].append(p)
+            buckets[(p.device, p.dtype, self._step_count(p, st))].append(p)
         for (_, dtype, step), ps in buckets.items():
             t = step + 1
             states = [self.state[p] for p in ps]
-            for st in states:
+            for p, st in zip(ps, states):
                 st["step"].fill_(t)
+                self._count_step(p, st, t)
             params = [local_tensor(p) for p in ps]
             grads = [local_tensor(p.grad).to(_compute_dtype(p)) for p in ps]
             stored_m = [local_tensor(st["exp_avg"]) for st in states]
@@ -567,6 +586,7 @@ class COSMOS(Optimizer):
             st = self.state[p]
             if not st:
                 self._init_cosmos_state(p, st, view, group)
+                self._count_step(p, st, 0)
             r = st["U"].shape[-1]
             local = local_tensor(p)
             sharded_rows = is_dtensor(p) and view.layout != "stack"
@@ -576,33 +596,60 @@ class COSMOS(Optimizer):
             pending[id(p)] = _Pending(p, view, len(runs))
             for first, count, rows in runs:
                 key = (rows, m_local if sharded_rows else rows, view.n, r, sharded_rows, p.device, p.dtype,
-                       float(st["step"]), None if batch else id(p))
+                       self._step_count(p, st), None if batch else id(p))
                 buckets[key].append(_Slots(p, view, first, count))
         lr = group["lr"]
         for (rows, m_local, n, r, sharded_rows, _, _, step, _), slots in buckets.items():
             comm = self._comm if sharded_rows else _LOCAL
             directions = self._cosmos_bucket(group, slots, rows, m_local, n, r, int(step), request, comm)
+            done = []
             for slot, D in zip(slots, directions):
                 entry = pending[id(slot.p)]
                 entry.parts[slot.first] = D
                 if len(entry.parts) == entry.runs:
-                    self._apply(entry, lr, group["weight_decay"], group["lr_ratio"])
+                    done.append(entry)
+            self._apply(done, lr, group["weight_decay"], group["lr_ratio"])
         for p in group["params"]:
             if id(p) in pending:
-                self.state[p]["step"].add_(1)
+                st = self.state[p]
+                st["step"].add_(1)
+                self._count_step(p, st, self._step_count(p, st) + 1)
 
-    def _apply(self, entry: "_Pending", lr: float, weight_decay: float, lr_ratio: float) -> None:
-        """``W <- W (1 - lr wd) - lr_ratio lr D`` for one parameter, once all its parts are computed."""
-        view, p = entry.view, local_tensor(entry.p)
-        if p.numel() == 0:
+    def _apply(self, entries: list["_Pending"], lr: float, weight_decay: float, lr_ratio: float) -> None:
+        """``W <- W (1 - lr wd) - lr_ratio lr D`` for the parameters whose parts are all computed
+        (two multi-tensor kernels for a bucket)."""
+        params, updates = [], []
+        for entry in entries:
+            view, p = entry.view, local_tensor(entry.p)
+            if p.numel() == 0:
+                continue
+            batch = p.shape[0] if view.layout == "stack" else 1
+            # Each run of parts is (batch * count, rows, n): back to (batch, count * rows, n), in order.
+            runs = [entry.parts[k].reshape(batch, -1, view.n) for k in sorted(entry.parts)]
+            D = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-2)
+            params.append(p)
+            updates.append(view.from_matrices(D, p.shape).to(p.dtype))
+        if not params:
             return
-        batch = p.shape[0] if view.layout == "stack" else 1
-        # Each run of parts is (batch * count, rows, n): back to (batch, count * rows, n), rows in order.
-        runs = [entry.parts[k].reshape(batch, -1, view.n) for k in sorted(entry.parts)]
-        D = runs[0] if len(runs) == 1 else torch.cat(runs, dim=-2)
         if weight_decay != 0:
-            p.mul_(1.0 - lr * weight_decay)
-        p.add_(view.from_matrices(D, p.shape).to(p.dtype), alpha=-lr_ratio * lr)
+            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        torch._foreach_add_(params, updates, alpha=-lr_ratio * lr)
+
+    def _step_count(self, p: Tensor, st: dict) -> int:
+        """The steps ``p`` has taken, from a host-side mirror of ``st["step"]``: reading the tensor
+        itself would be a host sync per parameter and step on an accelerator. The mirror is
+        trusted while ``st["step"]`` is the tensor it was taken from (a loaded state brings new
+        tensors, which are read once)."""
+        mirror = self.__dict__.setdefault("_steps", {})
+        entry = mirror.get(p)
+        if entry is not None and entry[0] is st["step"]:
+            return entry[1]
+        count = int(st["step"].item())
+        mirror[p] = (st["step"], count)
+        return count
+
+    def _count_step(self, p: Tensor, st: dict, count: int) -> None:
+        self.__dict__.setdefault("_steps", {})[p] = (st["step"], count)
 
     @staticmethod
     def _init_cosmos_state(p: Tensor, st: dict, view: MatrixView, group: dict) -> None:
@@ -645,11 +692,11 @@ class COSMOS(Optimizer):
         work["G"] = views[0]["G"] if len(views) == 1 else torch.cat([v["G"] for v in views])
         if work["G"].shape[0] == 1:  # one matrix: 2-D maths
             work = {k: x[0] for k, x in work.items()}
-        D = cosmos_direction(
+        D = self._direction(
             work["G"], work["M"], work["U"], work["S"], work["V"], t=t, m=m, n=n, init=init,
             refresh=refresh, power_iters=power_iters, beta1=beta1, beta2=beta2, eps=group["eps"],
             gamma=group["gamma"], nesterov=group["nesterov"], ns_steps=group["ns_steps"],
-            ns_dtype=resolve_ns_dtype(group["ns_dtype"], cdt), comm=comm, newton_schulz=self._ns,
+            ns_dtype=resolve_ns_dtype(group["ns_dtype"], cdt), comm=comm,
             products=_PRODUCTS[group.get("subspace_dtype", "float32")],
         )
         if D.ndim == 2:
@@ -666,6 +713,14 @@ class COSMOS(Optimizer):
 
 
 _LOCAL = LocalComm()
+
+
+def _compiled_direction() -> Callable[..., Tensor]:
+    """:func:`cosmos_direction` under ``torch.compile``: the whole per-bucket update (state
+    updates, subspace products, Newton-Schulz, combination) as fused kernels, one graph per
+    bucket shape and step kind (first, refresh, plain); the step number becomes a symbolic
+    input after its first change, so the graphs are not rebuilt every step."""
+    return torch.compile(cosmos_direction, dynamic=None)
 _PRODUCTS = {name: F.Products(name) for name in F.SUBSPACE_DTYPES}
 
 

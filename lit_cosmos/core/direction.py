@@ -72,8 +72,13 @@ def update_subspace(
         S.copy_(comm.replicate(S_new))
     else:
         GU = products.mm(G, U)
-        S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU), alpha=1.0 - beta2)
-        S.copy_(comm.replicate(S))
+        # Scaled before the add: under torch.compile (torch 2.14, CPU) ``add_(mm, alpha=a)`` after
+        # ``mul_`` loses its ``alpha``, like pytorch/pytorch#167313 for addmm; the compile test
+        # in tests/test_syncs.py catches such miscompilations.
+        S.mul_(beta2).add_(comm.all_reduce(GU.mT @ GU).mul_(1.0 - beta2))
+        shared = comm.replicate(S)
+        if shared is not S:  # one process: the identity (a self-copy would confuse torch.compile)
+            S.copy_(shared)
     V.mul_(beta2).addcmul_(GU, GU, value=1.0 - beta2)
 
 

@@ -97,8 +97,8 @@ class Products:
         """``beta * input + alpha * (a @ b)``."""
         if self.precision == "float32" or a.dtype == torch.float64:
             return addmm(input, a, b, beta=beta, alpha=alpha)
-        product = self.mm(a, b)
-        return product.mul_(alpha).add_(input, alpha=beta) if beta != 1.0 else product.mul_(alpha).add_(input)
+        product = self.mm(a, b).mul_(alpha)
+        return product.add_(input if beta == 1.0 else input * beta)
 
 
 #: The default: float32 products (the algorithm as specified).

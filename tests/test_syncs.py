@@ -71,3 +71,31 @@ def test_compile_runs_the_whole_bucket_update_and_matches_eager():
 
     eager, compiled = run(False), run(True)
     assert (compiled - eager).abs().max().item() < 1e-10
+
+
+def test_the_step_mirror_sees_a_step_counter_written_in_place():
+    # torch.distributed.checkpoint loads into the optimizer's own tensors in place: the host-side
+    # mirror of the step counters must notice (by the tensors' version counters), or the bias
+    # corrections and refresh steps of a resumed run would use the stale counts.
+    import copy
+
+    model = _model()
+    opt = COSMOS(cosmos_param_groups(model), rank=4, update_interval=3)
+    x = torch.randint(0, 30, (4, 5))
+    for _ in range(2):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = copy.deepcopy(opt.state_dict())
+    for st in saved["state"].values():
+        st["step"] = torch.tensor(7.0)
+    twin_model = copy.deepcopy(model)
+    twin = COSMOS(cosmos_param_groups(twin_model), rank=4, update_interval=3)
+    twin.load_state_dict(saved)
+    for st in opt.state.values():
+        st["step"].copy_(torch.tensor(7.0))  # in place, as a distributed-checkpoint load writes
+    for m, o in ((model, opt), (twin_model, twin)):
+        m(x).square().mean().backward()
+        o.step()  # step 8: no refresh; t = 8 in the bias corrections
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
+    assert all(st["step"].item() == 8.0 for st in opt.state.values())

@@ -612,8 +612,9 @@ class COSMOS(Optimizer):
         for p in group["params"]:
             if id(p) in pending:
                 st = self.state[p]
+                count = self._step_count(p, st)
                 st["step"].add_(1)
-                self._count_step(p, st, self._step_count(p, st) + 1)
+                self._count_step(p, st, count + 1)
 
     def _apply(self, entries: list["_Pending"], lr: float, weight_decay: float, lr_ratio: float) -> None:
         """``W <- W (1 - lr wd) - lr_ratio lr D`` for the parameters whose parts are all computed
@@ -638,18 +639,23 @@ class COSMOS(Optimizer):
     def _step_count(self, p: Tensor, st: dict) -> int:
         """The steps ``p`` has taken, from a host-side mirror of ``st["step"]``: reading the tensor
         itself would be a host sync per parameter and step on an accelerator. The mirror is
-        trusted while ``st["step"]`` is the tensor it was taken from (a loaded state brings new
-        tensors, which are read once)."""
+        trusted while ``st["step"]`` is the tensor it was taken from, unmodified since (its
+        version counter): a loaded state brings new tensors or writes into these in place
+        (``torch.distributed.checkpoint`` does), and either is read once."""
         mirror = self.__dict__.setdefault("_steps", {})
+        step = st["step"]
         entry = mirror.get(p)
-        if entry is not None and entry[0] is st["step"]:
-            return entry[1]
-        count = int(st["step"].item())
-        mirror[p] = (st["step"], count)
+        version = _version(step)
+        if entry is not None and entry[0] is step and version >= 0 and entry[1] == version:
+            return entry[2]
+        count = int(step.item())
+        mirror[p] = (step, _version(step), count)
         return count
 
     def _count_step(self, p: Tensor, st: dict, count: int) -> None:
-        self.__dict__.setdefault("_steps", {})[p] = (st["step"], count)
+        """Record ``count`` as ``p``'s steps, right after ``st["step"]`` was set to it."""
+        step = st["step"]
+        self.__dict__.setdefault("_steps", {})[p] = (step, _version(step), count)
 
     @staticmethod
     def _init_cosmos_state(p: Tensor, st: dict, view: MatrixView, group: dict) -> None:
@@ -713,6 +719,15 @@ class COSMOS(Optimizer):
 
 
 _LOCAL = LocalComm()
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s in-place modification counter (-1 where there is none: then the mirror is never
+    trusted and the count is read)."""
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
 
 
 def _compiled_direction() -> Callable[..., Tensor]:

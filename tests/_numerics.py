@@ -36,6 +36,7 @@ __all__ = [
     "U32",
     "UBF16",
     "RandomRounding",
+    "cosmos_twin",
     "float32_decisions",
     "newton_schulz_twin",
     "rel_err",
@@ -219,7 +220,7 @@ def float32_decisions() -> Iterator[None]:
         direction._ROUNDOFF = saved
 
 
-def newton_schulz_twin(rounding: RandomRounding, coefficients: tuple[float, float, float] | None = None) -> Callable:
+def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[float, float, float] | None = None) -> Callable:
     """A float64 Newton-Schulz written from the spec, for twins of lit_cosmos's ``newton_schulz``.
 
     Normalise by the Frobenius norm (+ ``eps``), then ``steps`` times ``X <- a X + (b A + c A^2) X``
@@ -227,15 +228,16 @@ def newton_schulz_twin(rounding: RandomRounding, coefficients: tuple[float, floa
     smaller one. Asked for bfloat16
     it rounds its input and every stored result at ``2^-8`` (products still accumulate in
     float32, as in torch's bf16 GEMMs); asked for another dtype it keeps the precision of
-    ``rounding``. ``coefficients`` replaces the caller's when given. It shares no code with the
-    library, so that a broken kernel is not its own yardstick.
+    ``rounding``; with ``rounding=None`` it is exact (float64) whatever it is asked for.
+    ``coefficients`` replaces the caller's when given. It shares no code with the library, so
+    that a broken kernel is not its own yardstick.
     """
     fixed = coefficients
 
     def newton_schulz(X: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
                       coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> Tensor:
         a, b, c = fixed or coefficients
-        low = dtype == torch.bfloat16
+        low = dtype == torch.bfloat16 and rounding is not None
         with rounding.precision(UBF16, U32) if low else contextlib.nullcontext():
             wide = X.size(-2) > X.size(-1)
             Y = (X.mT if wide else X).clone()
@@ -249,6 +251,29 @@ def newton_schulz_twin(rounding: RandomRounding, coefficients: tuple[float, floa
             return Y.mT if wide else Y
 
     return newton_schulz
+
+
+def cosmos_twin(initial: list[Tensor], grads: list[list[Tensor]], rounding: RandomRounding | None,
+                groups: Callable[[list], list] = lambda params: params, **kwargs) -> list[Tensor]:
+    """Final parameters of ``COSMOS(groups(params), **kwargs)`` from float32 ``initial`` values
+    after one step per entry of ``grads``, computed as the float64 twin of the float32 run (exact
+    with ``rounding=None``), Newton-Schulz included (:func:`newton_schulz_twin`). For
+    :func:`twin_deviation`."""
+    from lit_cosmos import COSMOS
+
+    def rnd(x: Tensor) -> Tensor:
+        x = x.detach().double().clone()
+        return rounding.perturb(x, U32) if rounding is not None else x
+
+    params = [torch.nn.Parameter(rnd(x)) for x in initial]
+    opt = COSMOS(groups(params), **kwargs)
+    opt._ns = newton_schulz_twin(rounding)  # the Newton-Schulz the class hands to its functional core
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = rnd(g)
+        with rounding if rounding is not None else contextlib.nullcontext():
+            opt.step()
+    return [p.detach() for p in params]
 
 
 def twin_deviation(run: Callable[[RandomRounding | None], list[Tensor]], seeds: Iterable[int] = range(4),

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _numerics import SAFETY, U32, RandomRounding, newton_schulz_twin, single_thread
 
 from lit_cosmos.core import kernels as F
 
@@ -31,18 +32,31 @@ def test_newton_schulz_cubic_converges_to_svd_polar_factor(shape):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
-def test_newton_schulz_quintic_shares_polar_singular_vectors(shape, dtype, tol):
+def test_newton_schulz_quintic_shares_polar_singular_vectors(shape, dtype):
     # Muon's quintic map X -> U f(S) V^T keeps the singular vectors and moves every singular
     # value into about [0.7, 1.2] after 5 steps. So P^T O = V f(S) V^T with P the exact polar
     # factor is symmetric with eigenvalues in that band: a closed-form check of the output.
     X = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
-    O = F.newton_schulz(X, steps=5, dtype=dtype).double()
     P = F.polar_factor(X).double()
+
+    def asymmetry(O):
+        small = P.mT @ O if shape[0] >= shape[1] else O @ P.mT
+        return ((small - small.mT).norm(dim=(-2, -1)) / small.norm(dim=(-2, -1))).max().item()
+
+    O = F.newton_schulz(X, steps=5, dtype=dtype).double()
+    # Rounding at `dtype` breaks the symmetry by its own size (measured 5e-7 in float32 and 6e-3
+    # in bf16 on an AMD EPYC); the bound is SAFETY times that of float64 twins of the dtype's
+    # arithmetic (tests/_numerics.py): ~4e-5 and ~3.5e-2, machine-independent.
+    twins = []
+    with single_thread():
+        for seed in range(4):
+            rounding = RandomRounding(U32, seed)
+            with rounding:
+                twins.append(asymmetry(newton_schulz_twin(rounding)(X.double(), steps=5, dtype=dtype)))
+    assert asymmetry(O) < SAFETY * max(twins), (asymmetry(O), twins)
     small = P.mT @ O if shape[0] >= shape[1] else O @ P.mT
-    asym = (small - small.mT).norm(dim=(-2, -1)) / small.norm(dim=(-2, -1))
-    assert asym.max() < tol
     eig = torch.linalg.eigvalsh((small + small.mT) / 2)
     assert eig.min() > 0.6 and eig.max() < 1.25
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -254,11 +255,10 @@ def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[floa
 
 
 def cosmos_twin(initial: list[Tensor], grads: list[list[Tensor]], rounding: RandomRounding | None,
-                groups: Callable[[list], list] = lambda params: params, **kwargs) -> list[Tensor]:
-    """Final parameters of ``COSMOS(groups(params), **kwargs)`` from float32 ``initial`` values
-    after one step per entry of ``grads``, computed as the float64 twin of the float32 run (exact
-    with ``rounding=None``), Newton-Schulz included (:func:`newton_schulz_twin`). For
-    :func:`twin_deviation`."""
+                groups: Callable[[list], list] = lambda params: params, **kwargs) -> tuple[list[Tensor], Any]:
+    """The float64 twin of a float32 COSMOS run (exact with ``rounding=None``), Newton-Schulz
+    included (:func:`newton_schulz_twin`): ``COSMOS(groups(params), **kwargs)`` from ``initial``
+    values, one step per entry of ``grads``. Returns the parameters and the optimizer."""
     from lit_cosmos import COSMOS
 
     def rnd(x: Tensor) -> Tensor:
@@ -273,7 +273,7 @@ def cosmos_twin(initial: list[Tensor], grads: list[list[Tensor]], rounding: Rand
             p.grad = rnd(g)
         with rounding if rounding is not None else contextlib.nullcontext():
             opt.step()
-    return [p.detach() for p in params]
+    return params, opt
 
 
 def twin_deviation(run: Callable[[RandomRounding | None], list[Tensor]], seeds: Iterable[int] = range(4),
@@ -288,4 +288,4 @@ def twin_deviation(run: Callable[[RandomRounding | None], list[Tensor]], seeds: 
     with single_thread(), float32_decisions():
         exact = run(None)
         twins = [run(RandomRounding(u, seed)) for seed in seeds]
-    return [max((t[i] - exact[i]).abs().max().item() for t in twins) for i in range(len(exact))]
+    return [max((t[i] - exact[i]).detach().abs().max().item() for t in twins) for i in range(len(exact))]

@@ -81,6 +81,7 @@ _ELEMENTWISE = {
 }
 _REDUCTIONS = {"sum", "mean", "linalg_vector_norm"}
 _MATMULS = {"mm", "bmm", "addmm", "baddbmm"}
+_EXACT_FOREACH = {"_foreach_copy_", "_foreach_zero_", "_foreach_abs", "_foreach_abs_", "_foreach_neg", "_foreach_neg_"}
 
 
 class RandomRounding(TorchDispatchMode):
@@ -103,7 +104,8 @@ class RandomRounding(TorchDispatchMode):
     in: both ``u`` for float32; bfloat16 GEMMs accumulate in float32 in torch's CPU and GPU
     kernels, with or without native bf16 dot products (``u_acc = 2^-24``, ``u_out = 2^-8``).
     :meth:`precision` switches them for a region (a bf16 Newton-Schulz inside a float32 step).
-    Ops that do not round (views, copies, comparisons, ``abs``, ``clamp``, ``cat``) stay exact.
+    Every other op is taken as exact: right for views, copies, comparisons, ``abs``, ``clamp``,
+    ``cat``; a twin of code with other arithmetic (``svd``, ``cumsum``, ...) must add it here.
     """
 
     def __init__(self, u: float, seed: int) -> None:
@@ -157,7 +159,7 @@ class RandomRounding(TorchDispatchMode):
             Q, R = func(moved, *args[1:], **kwargs)
             return self.perturb(Q, self.u_out), R
         out = func(*args, **kwargs)
-        if name.startswith("_foreach_"):
+        if name.startswith("_foreach_") and name not in _EXACT_FOREACH:
             results = args[0] if name.endswith("_") else out
             for t in results:
                 if isinstance(t, Tensor) and t.dtype == torch.float64:
@@ -226,10 +228,9 @@ def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[floa
 
     Normalise by the Frobenius norm (+ ``eps``), then ``steps`` times ``X <- a X + (b A + c A^2) X``
     with ``A = X X^T`` (two fused multiply-adds) on the orientation whose Gram matrix is the
-    smaller one. Asked for bfloat16
-    it rounds its input and every stored result at ``2^-8`` (products still accumulate in
-    float32, as in torch's bf16 GEMMs); asked for another dtype it keeps the precision of
-    ``rounding``; with ``rounding=None`` it is exact (float64) whatever it is asked for.
+    smaller one. Asked for bfloat16 it rounds its input and every stored result at ``2^-8``
+    (products still accumulate in float32, as in torch's bf16 GEMMs); asked for another dtype it
+    keeps the precision of ``rounding``; with ``rounding=None`` it is exact whatever it is asked.
     ``coefficients`` replaces the caller's when given. It shares no code with the library, so
     that a broken kernel is not its own yardstick.
     """

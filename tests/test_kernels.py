@@ -191,8 +191,12 @@ def test_low_precision_products_round_only_their_inputs():
         assert torch.equal(products.mm(a_r, b_r), a_r @ b_r)
         assert products.mm(a, b).dtype == torch.float32
         c = torch.randn(3, 6, 5, generator=g)
-        assert torch.allclose(products.addmm(c, a_r, b_r, beta=0.5, alpha=-2.0), 0.5 * c - 2.0 * (a_r @ b_r),
-                              rtol=0, atol=1e-5)  # |c|, |a b| = O(3): a few float32 units
+        got, want = products.addmm(c, a_r, b_r, beta=0.5, alpha=-2.0), 0.5 * c - 2.0 * (a_r @ b_r)
+        # Two float32 evaluations of the same sums of k = 9 exact products: each within
+        # gamma_(k+2) (|alpha| |a| |b| + |beta| |c|) entrywise, so apart by twice that; a kernel
+        # that rounded its output would be off by up to 2^-8 (bf16) or 2^-11 (TF32) of it.
+        bound = 2 * 11 * U32 * (2.0 * (a_r.abs() @ b_r.abs()) + 0.5 * c.abs())
+        assert bool(((got - want).abs() <= bound).all())
     with pytest.raises(ValueError, match="subspace_dtype must be one of"):
         F.Products("float16")
 

@@ -44,6 +44,7 @@ __all__ = [
     "single_thread",
     "twin_deviation",
     "unit_roundoff",
+    "use_newton_schulz",
 ]
 
 aten = torch.ops.aten
@@ -255,6 +256,15 @@ def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[floa
     return newton_schulz
 
 
+def use_newton_schulz(opt: Any, newton_schulz: Callable) -> None:
+    """Make ``opt`` (a COSMOS) hand ``newton_schulz`` to its functional core, loudly failing if
+    the class no longer keeps it where this expects (a silent miss would leave the twin running
+    the library's own low-precision kernel)."""
+    if not callable(getattr(opt, "_ns", None)):
+        raise TypeError("COSMOS no longer keeps its Newton-Schulz in ._ns: update tests/_numerics.py")
+    opt._ns = newton_schulz
+
+
 def cosmos_twin(initial: list[Tensor], grads: list[list[Tensor]], rounding: RandomRounding | None,
                 groups: Callable[[list], list] = lambda params: params, **kwargs) -> tuple[list[Tensor], Any]:
     """The float64 twin of a float32 COSMOS run (exact with ``rounding=None``), Newton-Schulz
@@ -268,7 +278,7 @@ def cosmos_twin(initial: list[Tensor], grads: list[list[Tensor]], rounding: Rand
 
     params = [torch.nn.Parameter(rnd(x)) for x in initial]
     opt = COSMOS(groups(params), **kwargs)
-    opt._ns = newton_schulz_twin(rounding)  # the Newton-Schulz the class hands to its functional core
+    use_newton_schulz(opt, newton_schulz_twin(rounding))
     for step in grads:
         for p, g in zip(params, step):
             p.grad = rnd(g)

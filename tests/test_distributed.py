@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from _numerics import SAFETY, U32, cosmos_twin, newton_schulz_twin, twin_deviation
+from _numerics import SAFETY, U32, cosmos_twin, newton_schulz_twin, twin_deviation, use_newton_schulz
 from torch import nn
 
 from lit_cosmos import COSMOS
@@ -233,7 +233,7 @@ def _net_rounding_tolerances(steps):
             for p in net.parameters():
                 rounding.perturb(p.data, U32)
         opt = COSMOS(net.parameters(), lr=1e-2, rank=2, ns_dtype="float32")
-        opt._ns = newton_schulz_twin(rounding)
+        use_newton_schulz(opt, newton_schulz_twin(rounding))
         for s in range(steps):
             x = torch.randn(4, 7, generator=torch.Generator().manual_seed(200 + s)).double()
             if rounding is not None:

@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from _numerics import SAFETY, U32, RandomRounding, float32_decisions, newton_schulz_twin, rel_err, single_thread
+from _numerics import (
+    SAFETY,
+    U32,
+    RandomRounding,
+    float32_decisions,
+    newton_schulz_twin,
+    rel_err,
+    single_thread,
+    use_newton_schulz,
+)
 
 from lit_cosmos import COSMOS
 
@@ -61,7 +70,7 @@ def _trajectory(dtype, ns_dtype, rounding=None):
                 B = B - (B @ U) @ U.mT
             return B
 
-        opt._ns = twin_ns  # the Newton-Schulz the class hands to its functional core
+        use_newton_schulz(opt, twin_ns)
     out = []
     for grads in DATA["grads"]:
         for p, g in zip(params, grads):

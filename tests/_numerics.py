@@ -25,6 +25,7 @@ A low-precision result must then lie within ``SAFETY`` times that spread of the 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -257,12 +258,14 @@ def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[floa
 
 
 def use_newton_schulz(opt: Any, newton_schulz: Callable) -> None:
-    """Make ``opt`` (a COSMOS) hand ``newton_schulz`` to its functional core, loudly failing if
-    the class no longer keeps it where this expects (a silent miss would leave the twin running
-    the library's own low-precision kernel)."""
-    if not callable(getattr(opt, "_ns", None)):
-        raise TypeError("COSMOS no longer keeps its Newton-Schulz in ._ns: update tests/_numerics.py")
-    opt._ns = newton_schulz
+    """Make ``opt`` (an uncompiled COSMOS) run its functional core with ``newton_schulz``, failing
+    loudly if the class no longer calls the core where this expects (a silent miss would leave
+    the twin running the library's own low-precision kernel)."""
+    from lit_cosmos.core.direction import cosmos_direction
+
+    if getattr(opt, "_direction", None) is not cosmos_direction:
+        raise TypeError("COSMOS no longer calls cosmos_direction through ._direction: update tests/_numerics.py")
+    opt._direction = functools.partial(cosmos_direction, newton_schulz=newton_schulz)
 
 
 def cosmos_twin(initial: list[Tensor], grads: list[list[Tensor]], rounding: RandomRounding | None,

@@ -225,7 +225,10 @@ def float32_decisions() -> Iterator[None]:
         direction._ROUNDOFF = saved
 
 
-def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[float, float, float] | None = None) -> Callable:
+Coefficients = tuple[float, float, float]
+
+
+def newton_schulz_twin(rounding: RandomRounding | None, coefficients: Coefficients | None = None) -> Callable:
     """A float64 Newton-Schulz written from the spec, for twins of lit_cosmos's ``newton_schulz``.
 
     Normalise by the Frobenius norm (+ ``eps``), then ``steps`` times ``X <- a X + (b A + c A^2) X``
@@ -239,7 +242,7 @@ def newton_schulz_twin(rounding: RandomRounding | None, coefficients: tuple[floa
     fixed = coefficients
 
     def newton_schulz(X: Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
-                      coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> Tensor:
+                      coefficients: Coefficients = (3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> Tensor:
         a, b, c = fixed or coefficients
         low = dtype == torch.bfloat16 and rounding is not None
         with rounding.precision(UBF16, U32) if low else contextlib.nullcontext():

@@ -41,8 +41,8 @@ def test_newton_schulz_quintic_shares_polar_singular_vectors(shape, dtype):
     X = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
     P = F.polar_factor(X).double()
 
-    def asymmetry(O):
-        small = P.mT @ O if shape[0] >= shape[1] else O @ P.mT
+    def asymmetry(ortho):
+        small = P.mT @ ortho if shape[0] >= shape[1] else ortho @ P.mT
         return ((small - small.mT).norm(dim=(-2, -1)) / small.norm(dim=(-2, -1))).max().item()
 
     O = F.newton_schulz(X, steps=5, dtype=dtype).double()

@@ -56,7 +56,8 @@ def test_frozen_values_three_seeded_steps():
     ]
     # The values are printed to 12 digits (5e-12); float64 roundoff moves them by ~u * 50 = 1e-14.
     for p, (head, total) in zip(ps, frozen):
-        torch.testing.assert_close(p.detach().flatten()[:4], torch.tensor(head, dtype=torch.float64), atol=1e-10, rtol=0)
+        want = torch.tensor(head, dtype=torch.float64)
+        torch.testing.assert_close(p.detach().flatten()[:4], want, atol=1e-10, rtol=0)
         assert p.detach().sum().item() == pytest.approx(total, abs=1e-10)
 
 

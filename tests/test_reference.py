@@ -86,7 +86,8 @@ def _worst(got, want):
     return [max(rel_err(g[i], w[i]) for g, w in zip(got, want)) for i in range(len(INITIAL))]
 
 
-REFERENCE = [[torch.tensor(x, dtype=torch.float64) - x0 for x, x0 in zip(after, INITIAL)] for after in DATA["params_after"]]
+REFERENCE = [[torch.tensor(x, dtype=torch.float64) - x0 for x, x0 in zip(after, INITIAL)]
+             for after in DATA["params_after"]]
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from _numerics import U32
 from torch import nn
 
 from lit_cosmos import COSMOS, formula_numel, memory_report, optimizer_state_bytes
@@ -263,10 +264,14 @@ def test_monitors_see_the_matrices_of_stacks_and_split_weights():
     values = SubspaceMonitor(update_rms=False).measure(opt)
     U = opt.state[stack]["U"]
     want = sum((stack.grad[e] @ U[e]).square().sum() for e in range(3)) / stack.grad.square().sum()
-    assert abs(values["energy"]["experts"] - want.item()) < 1e-5  # float32 sums of 90 products of O(1)
+    # Two float32 evaluations of ||G U||^2 / ||G||^2: sums of at most N = 90 squares of inner
+    # products of length n = 5, each within ~(2n + 2N) u of exact (gamma_k = k u), so apart by
+    # at most twice that.
+    energy_tol = 4 * (5 + 90) * U32
+    assert abs(values["energy"]["experts"] - want.item()) < energy_tol
     U = opt.state[fused]["U"]
     want = sum((fused.grad[4 * i:4 * i + 4] @ U[i]).square().sum() for i in range(3)) / fused.grad.square().sum()
-    assert abs(values["energy"]["qkv"] - want.item()) < 1e-5
+    assert abs(values["energy"]["qkv"] - want.item()) < energy_tol
     assert set(values["ns_error"]) == {"experts", "qkv"}
     figures = memory_figures([opt])
     assert figures["memory/state_bytes_model"] == figures["memory/formula_bytes/cosmos"]

@@ -13,7 +13,15 @@ from litdata import StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 from litdata.utilities.env import _DistributedEnv
 
-from zoo.data import ByteTokenizer, TextDataModule, corpus_hash, prepare_corpus, read_corpus, stdlib_corpus
+from zoo.data import (
+    ByteTokenizer,
+    TextDataModule,
+    corpus_hash,
+    prepare_corpus,
+    read_corpus,
+    remove_stale_tmp_dirs,
+    stdlib_corpus,
+)
 
 BLOCK = 15  # samples hold BLOCK + 1 = 16 tokens
 
@@ -96,7 +104,9 @@ def test_default_vocab_size_is_byte_level():
 def test_read_corpus_is_sorted_and_filtered(corpus):
     names = [os.path.relpath(name, corpus) for name, _ in read_corpus([str(corpus)], (".txt", ".md", ".rst"))]
     assert names == ["a.txt", "b.md", "sub/c.txt", "sub/d.rst"]
-    assert [name for name, _ in read_corpus([str(corpus / "skipped.bin")], (".txt",))] == [str(corpus / "skipped.bin")]
+    # A file named explicitly is read whatever its suffix, once it is accepted as binary.
+    binary = str(corpus / "skipped.bin")
+    assert [name for name, _ in read_corpus([binary], (".txt",), allow_binary=True)] == [binary]
 
 
 def test_splits_add_up_and_hold_the_stream_in_order(prepared, corpus):
@@ -262,10 +272,16 @@ def test_optimized_test_dir(prepared_test):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(paths=["/no/such/file.txt"]), FileNotFoundError, "data path '/no/such/file.txt' does not exist"),
+        (dict(paths=["/no/such/file.txt"]), FileNotFoundError,
+         r"paths=\['/no/such/file.txt'\]: data path '/no/such/file.txt' does not exist"),
+        (dict(paths=[]), ValueError, r"paths=\[\] names no file: give text files or folders, or leave paths unset"),
+        (dict(paths=""), ValueError, r"paths=\[''\] names no file"),
+        (dict(paths=["notes.txt", " "]), ValueError, r"paths=\['notes.txt', ' '\] names no file"),
+        (dict(num_workers=1.5), ValueError, r"num_workers=1.5 must be an integer >= 0, or null"),
         (dict(block_size=0), ValueError, "block_size=0 must be an integer >= 1"),
         (dict(batch_size=0), ValueError, "batch_size=0 must be an integer >= 1"),
         (dict(num_workers=-1), ValueError, "num_workers=-1 must be an integer >= 0"),
+        (dict(block_size=True), ValueError, "block_size=True must be an integer >= 1"),
         (dict(val_fraction=1.0), ValueError, r"val_fraction=1.0 must be in \(0, 1\)"),
         (dict(val_fraction=0), ValueError, r"val_fraction=0 must be in \(0, 1\)"),
         (dict(train_dir="s3://b/t"), ValueError, "train_dir='s3://b/t' needs vocab_size"),
@@ -316,3 +332,92 @@ def test_setup_before_prepare_raises(corpus, tmp_path):
         dm.setup("fit")
     with pytest.raises(RuntimeError, match="call setup"):
         dm.train_dataloader()
+
+
+# ---------------------------------------------------------------------- never corrupt silently
+def test_binary_files_are_refused_unless_allowed(tmp_path):
+    (tmp_path / "notes.txt").write_text("plain text " * 20)
+    (tmp_path / "utf16.txt").write_bytes("hello".encode("utf-16"))  # NUL bytes: looks binary, as git says
+    dm = TextDataModule(paths=[str(tmp_path)], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"data file '.*utf16.txt' looks binary \(a NUL byte at offset \d+; UTF-16 "
+                                         r".*set allow_binary=true"):
+        dm.prepare_data()
+    assert not list((tmp_path / "cache").glob("*"))  # refused before anything was written
+    with pytest.warns(UserWarning, match=r"replaced 2 undecodable byte sequences"):
+        docs = read_corpus([str(tmp_path)], (".txt",), allow_binary=True)
+    assert [os.path.basename(name) for name, _ in docs] == ["notes.txt", "utf16.txt"]
+
+
+def test_replaced_bytes_are_counted_in_one_warning(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text \ufffd stays (a real replacement character)", encoding="utf-8")
+    (tmp_path / "latin1.txt").write_bytes("café crème brûlée".encode("latin-1"))  # 4 invalid bytes, one per accent
+    (tmp_path / "one.txt").write_bytes(b"bad \xff byte")
+    with pytest.warns(UserWarning, match=r"replaced 5 undecodable byte sequences with U\+FFFD in 2 of 3 files "
+                                         r"\(most in '.*latin1.txt': 4\)"):
+        docs = dict(read_corpus([str(tmp_path)], (".txt",)))
+    assert docs[str(tmp_path / "latin1.txt")] == "caf\ufffd cr\ufffdme br\ufffdl\ufffde"
+    assert docs[str(tmp_path / "good.txt")].count("\ufffd") == 1
+
+
+def test_crlf_text_reads_as_before(tmp_path):
+    # Text mode's universal newlines: the same tokens (and cache folders) as Path.read_text gave.
+    (tmp_path / "dos.txt").write_bytes(b"line one\r\nline two\rthree\n")
+    assert read_corpus([str(tmp_path / "dos.txt")], (".txt",))[0][1] == "line one\nline two\nthree\n"
+
+
+def test_failed_preparation_removes_its_temporary_folder(corpus, tmp_path, monkeypatch):
+    def interrupted(**kwargs):
+        os.makedirs(kwargs["output_dir"], exist_ok=True)  # half-written, as a real interruption leaves it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(litdata, "optimize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        TextDataModule(paths=[str(corpus / "a.txt")], cache_dir=str(tmp_path)).prepare_data()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+
+
+def _interrupting_emit(piece):
+    # In litdata's worker process: Ctrl-C reaches the preparing process, then this worker waits to be stopped.
+    import signal
+    import time
+
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(120)
+    yield piece
+
+
+def test_ctrl_c_during_preparation_cleans_up_and_leaves_ctrl_c_alone(corpus, tmp_path, monkeypatch):
+    """litdata's own SIGINT handler would end the process with os._exit(0) (status 0, the folder
+    left behind) and stay installed for the rest of the run."""
+    import signal
+
+    import zoo.data
+
+    monkeypatch.setattr(zoo.data, "_emit_tokens", _interrupting_emit)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        TextDataModule(paths=[str(corpus / "a.txt")], cache_dir=str(tmp_path)).prepare_data()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_stale_temporary_folders_of_dead_processes_are_removed(corpus, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    host = socket.gethostname()
+    name = "byte-0123456789abcdef"
+    stale = [tmp_path / f"{name}.tmp{dead_pid}-{host}", tmp_path / f"{name}.tmp{dead_pid}"]
+    alive = tmp_path / f"byte-0123456789abcdef.tmp{os.getppid()}-{host}"  # the test runner's parent lives on
+    elsewhere = tmp_path / f"byte-0123456789abcdef.tmp{dead_pid}-another-host"  # shared disk: not ours to judge
+    for folder in (*stale, alive, elsewhere):
+        (folder / "train").mkdir(parents=True)
+    assert sorted(remove_stale_tmp_dirs(tmp_path)) == sorted(stale)
+    assert alive.is_dir() and elsewhere.is_dir()
+    # prepare_corpus does the same on its way in.
+    (stale[0] / "train").mkdir(parents=True)
+    TextDataModule(paths=[str(corpus / "a.txt")], cache_dir=str(tmp_path)).prepare_data()
+    assert not stale[0].exists()

@@ -28,8 +28,13 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import signal
+import socket
 import sys
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,16 +43,24 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 import litdata
 import numpy as np
+import psutil
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
+
+from zoo.resources import load_average, plan_workers, usable_cores
 
 # Bump when the on-disk layout or the split rule changes: old caches are then ignored.
 _FORMAT_VERSION = 1
 _META_FILE = "meta.json"
 # One optimize() item: the token stream is cut into pieces of this many tokens.
 _PIECE_TOKENS = 1 << 22
+# A NUL byte in a file's first bytes marks it as binary (git's test).
+_BINARY_SNIFF_BYTES = 8192
+# Temporary folder of a preparation in progress: <final name>.tmp<pid>-<host>.
+_TMP_RE = re.compile(r"^(?P<final>.+)\.tmp(?P<pid>\d+)(?:-(?P<host>.*))?$")
 
 
 @runtime_checkable
@@ -94,9 +107,17 @@ def stdlib_corpus() -> list[tuple[str, str]]:
     return [(f"pydoc_data.topics:{key}", topics[key]) for key in sorted(topics)]
 
 
-def read_corpus(paths: Sequence[str], suffixes: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, text) documents from files and folders (searched recursively for ``suffixes``)."""
+def read_corpus(
+    paths: Sequence[str], suffixes: Sequence[str], allow_binary: bool = False
+) -> list[tuple[str, str]]:
+    """(name, text) documents from files and folders (searched recursively for ``suffixes``).
+
+    Files are read as UTF-8. A file that looks binary (a NUL byte in its first 8 KiB, the test
+    git uses; UTF-16 text looks so too) is refused unless ``allow_binary``; undecodable bytes are
+    replaced by U+FFFD, with one warning giving the counts.
+    """
     docs = []
+    replaced: dict[str, int] = {}
     for path in map(Path, paths):
         if path.is_file():
             files = [path]
@@ -109,9 +130,28 @@ def read_corpus(paths: Sequence[str], suffixes: Sequence[str]) -> list[tuple[str
         else:
             raise FileNotFoundError(f"data path {str(path)!r} does not exist")
         for file in files:
-            text = file.read_text(encoding="utf-8", errors="replace")
+            data = file.read_bytes()
+            nul = data.find(b"\0", 0, _BINARY_SNIFF_BYTES)
+            if nul >= 0 and not allow_binary:
+                raise ValueError(
+                    f"paths={list(paths)!r}: data file {str(file)!r} looks binary (a NUL byte at offset {nul}; UTF-16 "
+                    "text looks so too: convert it to UTF-8): leave it out, or set allow_binary=true to read it "
+                    "anyway (undecodable bytes become U+FFFD)"
+                )
+            # Universal newlines, as text-mode reading gives: the tokens (and cache names) stay as they were.
+            text = data.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+            # Each undecodable sequence became one U+FFFD; genuine U+FFFD characters are not counted.
+            bad = text.count("\ufffd") - data.count("\ufffd".encode("utf-8"))
+            if bad:
+                replaced[str(file)] = bad
             if text:
                 docs.append((str(file), text))
+    if replaced:
+        worst = max(replaced, key=replaced.get)
+        rank_zero_warn(
+            f"replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {len(replaced)} of "
+            f"{len(docs)} files (most in {worst!r}: {replaced[worst]:,}); the text is read as UTF-8"
+        )
     if not docs:
         raise ValueError(
             f"empty corpus: no non-empty text in paths={list(paths)} (folders are searched for {list(suffixes)})"
@@ -155,13 +195,26 @@ def _litdata_environment(cache_dir: Path) -> Iterator[str]:
     process; we restore the previous method afterwards. We ask for "fork" where it is safe (POSIX,
     CUDA not initialised): a spawned worker re-imports torch, which costs seconds for a corpus
     that is written in milliseconds.
+
+    It also installs a SIGINT handler that ends the process with ``os._exit(0)`` and leaves it
+    installed: a later Ctrl-C (in training) would exit with status 0 without saving anything, and
+    one during preparation would skip the removal of the half-written folder. While it runs here,
+    Ctrl-C stops litdata's workers and raises ``KeyboardInterrupt`` instead, and the previous
+    handler is put back afterwards.
     """
+    from litdata.processing.data_processor import DataProcessor
+
     env = {
         "DATA_OPTIMIZER_CACHE_FOLDER": str(cache_dir / ".litdata" / "chunks"),
         "DATA_OPTIMIZER_DATA_CACHE_FOLDER": str(cache_dir / ".litdata" / "data"),
     }
     saved_env = {k: os.environ.get(k) for k in env}
     saved_method = multiprocessing.get_start_method(allow_none=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    saved_sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    saved_handler = DataProcessor.__dict__.get("_signal_handler")
+    if saved_handler is not None:
+        DataProcessor._signal_handler = _interrupt_handler(saved_handler, os.getpid())
     os.environ.update(env)
     fork_ok = sys.platform != "win32" and "fork" in multiprocessing.get_all_start_methods()
     try:
@@ -173,6 +226,76 @@ def _litdata_environment(cache_dir: Path) -> Iterator[str]:
             else:
                 os.environ[k] = v
         multiprocessing.set_start_method(saved_method, force=True)
+        if saved_handler is not None:
+            DataProcessor._signal_handler = saved_handler
+        if main_thread and saved_sigint is not None:
+            signal.signal(signal.SIGINT, saved_sigint)
+
+
+def _interrupt_handler(litdata_handler: Any, preparing_pid: int) -> Any:
+    """litdata's SIGINT handler for this process: stop the workers, then raise KeyboardInterrupt.
+
+    litdata's own handler puts a stop mark in each worker's queue and calls ``os._exit(0)``; its
+    forked workers (which inherit the handler) keep it. Here the preparing process gives its
+    workers a few seconds to stop, ends those still running together with their helper processes
+    (downloaders, uploaders), and raises, so that the half-written folder is removed.
+    """
+
+    def handler(processor: Any, signum: int, frame: Any) -> None:
+        if os.getpid() != preparing_pid:  # in a litdata worker
+            return litdata_handler(processor, signum, frame)
+        workers = list(getattr(processor, "workers", []))
+        for queue in getattr(processor, "stop_queues", []):
+            queue.put(None)
+        for worker in workers:
+            worker.join(5)
+        for worker in workers:
+            if worker.is_alive():
+                try:
+                    helpers = psutil.Process(worker.pid).children(recursive=True)
+                except psutil.Error:
+                    helpers = []
+                for helper in helpers:
+                    helper.terminate()
+                worker.terminate()
+                worker.join(5)
+        raise KeyboardInterrupt
+
+    return handler
+
+
+def remove_stale_tmp_dirs(cache_dir: str | Path) -> list[Path]:
+    """Remove the temporary folders that dead processes of this host left in ``cache_dir``.
+
+    A preparation writes into ``<name>.tmp<pid>-<host>`` and renames it when complete; a process
+    killed before its own cleanup (``kill -9``, a power cut) leaves the folder behind. Folders of
+    live processes, and of other hosts sharing the file system, are kept. Returns the removed ones.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    host = socket.gethostname()
+    removed = []
+    for path in cache_dir.iterdir():
+        match = _TMP_RE.match(path.name)
+        if not match or not path.is_dir() or match["host"] not in (None, host):
+            continue
+        if not _pid_alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or sys.platform == "win32":  # on Windows os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or we cannot tell: keep its folder
+    return True
 
 
 def prepare_corpus(
@@ -187,8 +310,9 @@ def prepare_corpus(
     Each document is followed by ``eot_id``; the concatenated stream is cut as
     ``[train | val | test]``: the last ``test_fraction`` of tokens is the test split (none when
     ``test_fraction == 0``), the ``val_fraction`` before it the validation split, the rest is
-    training. Written to a temporary folder and renamed at the end, so an interrupted run never
-    leaves a folder that looks complete.
+    training. Written to a temporary folder ``<name>.tmp<pid>-<host>`` and renamed at the end, so an
+    interrupted run never leaves a folder that looks complete; the temporary folder is removed when
+    preparation fails or is interrupted, and stale ones of dead processes are removed first.
     """
     cache_dir = Path(cache_dir).expanduser().absolute()
     out = cache_dir / f"{tokenizer.name}-{corpus_hash(docs, tokenizer, val_fraction, test_fraction)}"
@@ -221,33 +345,39 @@ def prepare_corpus(
         + " / ".join(f"{len(ids):,} {split}" for split, ids in splits.items()) + " tokens"
     )
 
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    remove_stale_tmp_dirs(cache_dir)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}-{socket.gethostname()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with _litdata_environment(cache_dir) as start_method:
-        for split, ids in splits.items():
-            pieces = [ids[i : i + _PIECE_TOKENS] for i in range(0, len(ids), _PIECE_TOKENS)]
-            litdata.optimize(
-                fn=_emit_tokens,
-                inputs=pieces,
-                output_dir=str(tmp / split),
-                chunk_bytes="64MB",
-                item_loader=TokensLoader(),
-                # One worker per 16M tokens: the default corpus fits in one, and more would only add startup.
-                num_workers=max(1, min(os.cpu_count() or 1, len(pieces) // 4)),
-                keep_data_ordered=True,
-                start_method=start_method,
-            )
-    meta = {
-        "format_version": _FORMAT_VERSION,
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": np.dtype(dtype).name,
-        "val_fraction": val_fraction,
-        **({"test_fraction": test_fraction} if test_fraction > 0 else {}),
-        "num_documents": len(docs),
-        "num_tokens": {split: int(len(ids)) for split, ids in splits.items()},
-    }
-    (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
+    try:
+        with _litdata_environment(cache_dir) as start_method:
+            for split, ids in splits.items():
+                pieces = [ids[i : i + _PIECE_TOKENS] for i in range(0, len(ids), _PIECE_TOKENS)]
+                litdata.optimize(
+                    fn=_emit_tokens,
+                    inputs=pieces,
+                    output_dir=str(tmp / split),
+                    chunk_bytes="64MB",
+                    item_loader=TokensLoader(),
+                    # One worker per 16M tokens: the default corpus fits in one, and more would only add startup.
+                    num_workers=max(1, min(os.cpu_count() or 1, len(pieces) // 4)),
+                    keep_data_ordered=True,
+                    start_method=start_method,
+                    verbose=False,  # its progress bars and its banner inviting to create an account
+                )
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "tokenizer": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "dtype": np.dtype(dtype).name,
+            "val_fraction": val_fraction,
+            **({"test_fraction": test_fraction} if test_fraction > 0 else {}),
+            "num_documents": len(docs),
+            "num_tokens": {split: int(len(ids)) for split, ids in splits.items()},
+        }
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
+    except BaseException:  # an error or Ctrl-C: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(out)
     except OSError:  # another process finished the same corpus first
@@ -260,7 +390,10 @@ class TextDataModule(L.LightningDataModule):
 
     Args:
         paths: text files and folders (searched recursively for ``suffixes``); ``None`` uses the
-            standard library's ``pydoc_data.topics``. Ignored parts: hidden files and folders.
+            standard library's ``pydoc_data.topics``. Ignored parts: hidden files and folders. An
+            empty list or an empty string is refused (it used to mean the bundled corpus or the
+            current folder). Read as UTF-8: undecodable bytes become U+FFFD, with a warning giving
+            the counts.
         block_size: tokens per model input; each sample holds ``block_size + 1`` tokens.
         batch_size: samples per batch and per process.
         val_fraction: tail fraction of the token stream held out for validation, in (0, 1).
@@ -269,8 +402,10 @@ class TextDataModule(L.LightningDataModule):
             ``[train | val | test]`` and ``test_dataloader``/``predict_dataloader`` serve the test
             split. 0 (default): no test split, and those loaders serve the validation split.
             Text only: with ``train_dir`` give ``test_dir`` instead.
-        num_workers: DataLoader worker processes. 0 by default: reading is ~8M tokens/s in the
-            main process, and workers would restart every epoch of a small corpus.
+        num_workers: DataLoader worker processes; ``None`` (default) chooses per run with
+            :func:`zoo.resources.plan_workers`: 0 when training on CPU (reading is ~8M tokens/s in
+            the main process, and a worker would take a core from the model), else the cores free
+            per process minus one, at most 4.
         seed: shuffling seed of the training split (validation is not shuffled).
         cache_dir: where prepared datasets (and litdata's scratch and download caches) live.
         train_dir: an optimized litdata token dataset (local folder or URL such as ``s3://...``),
@@ -282,11 +417,14 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: anything with ``name``, ``vocab_size``, ``eot_id``, ``encode``, ``decode``;
             default ``ByteTokenizer()`` (vocab 257).
         suffixes: file endings read from folders given in ``paths``.
+        allow_binary: read files that look binary (a NUL byte in their first 8 KiB) instead of
+            refusing them; their undecodable bytes become U+FFFD.
 
     Raises:
         FileNotFoundError: a path in ``paths`` does not exist.
-        ValueError: an out-of-range argument, contradictory arguments, an empty corpus, or a
-            ``block_size`` longer than a split (raised in ``setup``).
+        ValueError: an out-of-range argument, contradictory arguments, empty ``paths``; in
+            ``prepare_data``, an empty corpus or a file that looks binary; in ``setup``, a
+            ``block_size`` longer than a split.
     """
 
     def __init__(
@@ -295,7 +433,7 @@ class TextDataModule(L.LightningDataModule):
         block_size: int = 256,
         batch_size: int = 16,
         val_fraction: float = 0.05,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 42,
         cache_dir: str = "data",
         train_dir: str | None = None,
@@ -305,15 +443,25 @@ class TextDataModule(L.LightningDataModule):
         suffixes: tuple[str, ...] = (".txt", ".md", ".rst"),
         test_fraction: float = 0.0,
         test_dir: str | None = None,
+        allow_binary: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(paths, (str, Path)):
             paths = [str(paths)]
-        for name, value, low in (
-            ("block_size", block_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)
-        ):
-            if not isinstance(value, int) or value < low:
+        if paths is not None:
+            # An empty list would silently fall back to the bundled corpus, and "" is the current folder.
+            if not paths or any(not str(p).strip() for p in paths):
+                raise ValueError(
+                    f"paths={list(paths)!r} names no file: give text files or folders, or leave paths unset "
+                    "(null) for the bundled corpus"
+                )
+            paths = [str(p) for p in paths]
+        for name, value, low in (("block_size", block_size, 1), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                        or num_workers < 0):
+            raise ValueError(f"num_workers={num_workers!r} must be an integer >= 0, or null (chosen per machine)")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction!r} must be in (0, 1)")
         if not 0.0 <= test_fraction < 1.0:
@@ -342,8 +490,8 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"vocab_size={vocab_size} does not match the tokenizer's {tokenizer.vocab_size}")
             for path in paths or []:
                 if not Path(path).exists():
-                    raise FileNotFoundError(f"data path {path!r} does not exist")
-        self.paths = list(paths) if paths else None
+                    raise FileNotFoundError(f"paths={paths!r}: data path {path!r} does not exist")
+        self.paths = paths
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -356,6 +504,7 @@ class TextDataModule(L.LightningDataModule):
         self.test_dir = test_dir
         self.tokenizer = tokenizer
         self.suffixes = tuple(suffixes)
+        self.allow_binary = allow_binary
         self._vocab_size = vocab_size if vocab_size is not None else tokenizer.vocab_size
         self.data_dir: Path | None = None  # the prepared folder (text mode), known after setup
         self.num_tokens: dict[str, int] = {}  # tokens per split (text mode), known after setup
@@ -368,7 +517,7 @@ class TextDataModule(L.LightningDataModule):
         return self._vocab_size
 
     def _docs(self) -> list[tuple[str, str]]:
-        return read_corpus(self.paths, self.suffixes) if self.paths else stdlib_corpus()
+        return read_corpus(self.paths, self.suffixes, self.allow_binary) if self.paths else stdlib_corpus()
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node only; setup() then finds the folder by hash.
@@ -422,22 +571,37 @@ class TextDataModule(L.LightningDataModule):
             )
         return dataset
 
+    def resolved_num_workers(self) -> int:
+        """``num_workers``, or when it is ``None`` the choice for this machine and accelerator."""
+        if self.num_workers is not None:
+            return self.num_workers
+        trainer = self.trainer
+        on_cpu = trainer is None or isinstance(trainer.accelerator, CPUAccelerator)
+        processes = 1 if trainer is None else max(1, trainer.world_size // max(1, trainer.num_nodes))
+        return plan_workers(usable_cores(), load_average(), processes=processes, on_cpu=on_cpu)
+
+    def _loader(self, dataset: StreamingDataset) -> StreamingDataLoader:
+        # litdata's datasets give each worker and rank its own share, so their __len__ is exact: Lightning's
+        # warning that an IterableDataset's __len__ may be wrong with several workers does not apply.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.resolved_num_workers())
+
     def train_dataloader(self) -> StreamingDataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before train_dataloader()")
-        return StreamingDataLoader(self.train_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return self._loader(self.train_dataset)
 
     def val_dataloader(self) -> StreamingDataLoader | list:
         if self.val_dataset is None:
             return []  # Lightning skips validation
-        return StreamingDataLoader(self.val_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return self._loader(self.val_dataset)
 
     def test_dataloader(self) -> StreamingDataLoader | list:
         """The test split (``test_fraction > 0`` or ``test_dir``), else the validation split (then
         ``lit-cosmos test`` reports the validation loss of a checkpoint). Not shuffled."""
         if self.test_dataset is None:
             return self.val_dataloader()
-        return StreamingDataLoader(self.test_dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+        return self._loader(self.test_dataset)
 
     def predict_dataloader(self) -> StreamingDataLoader | list:
         """The split ``test_dataloader`` serves, for ``lit-cosmos predict`` (next-token predictions)."""

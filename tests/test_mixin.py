@@ -180,16 +180,16 @@ def test_overriding_cosmos_param_groups_changes_the_routing():
 
 # ---------------------------------------------------------------------- injection
 @pytest.mark.parametrize(
-    "factory, cls, check",
+    "factory, cls, check, matrices",
     [
         (partial(torch.optim.AdamW, lr=5e-3, weight_decay=0.05), torch.optim.AdamW,
-         lambda g: g[0]["weight_decay"] == 0.05 and g[2]["weight_decay"] == 0.0),
+         lambda g: g[0]["weight_decay"] == 0.05 and g[2]["weight_decay"] == 0.0, "matrices"),
         (partial(MuonAdamW, lr=5e-3, momentum=0.9), MuonAdamW,
-         lambda g: [x["algorithm"] for x in g] == ["muon", "adamw", "adamw"] and g[0]["momentum"] == 0.9),
-        (partial(COSMOS, lr=5e-3, rank=2), COSMOS, lambda g: g[0]["rank"] == 2),
+         lambda g: [x["algorithm"] for x in g] == ["muon", "adamw", "adamw"] and g[0]["momentum"] == 0.9, "muon"),
+        (partial(COSMOS, lr=5e-3, rank=2), COSMOS, lambda g: g[0]["rank"] == 2, "cosmos"),
     ],
 )
-def test_injected_optimizer(factory, cls, check):
+def test_injected_optimizer(factory, cls, check, matrices):
     model = _model(optimizer=factory)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     rec = Recorder()
@@ -197,7 +197,8 @@ def test_injected_optimizer(factory, cls, check):
     trainer.fit(model, _loader())
     opt = trainer.optimizers[0]
     assert type(opt) is cls and check(opt.param_groups)
-    assert [g["name"] for g in opt.param_groups] == ["cosmos", "adamw", "adamw_no_decay"]
+    # The matrix group is named after what the optimizer does with it (lr-AdamW/matrices, not .../cosmos).
+    assert [g["name"] for g in opt.param_groups] == [matrices, "adamw", "adamw_no_decay"]
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
     # cosmos_config's schedule still applies, on the injected optimizer's own lr.
     assert [lrs[0] for lrs in rec.lrs] == pytest.approx([5e-3 * _closed_form(s, 0, 6, 0.1) for s in range(6)])
@@ -224,19 +225,19 @@ def test_wrong_base_order_raises():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"lr": -1e-3}, r"invalid CosmosConfig lr=-0.001: must be a finite number >= 0"),
-        ({"weight_decay": float("inf")}, r"invalid CosmosConfig weight_decay=inf"),
-        ({"min_lr_ratio": 1.5}, r"invalid CosmosConfig min_lr_ratio=1.5: must be in \[0, 1\]"),
-        ({"warmup_fraction": 1.0}, r"invalid CosmosConfig warmup_fraction=1.0"),
-        ({"warmup_steps": -2}, r"invalid CosmosConfig warmup_steps=-2"),
-        ({"max_steps": 0}, r"invalid CosmosConfig max_steps=0"),
-        ({"rank": 2.5}, r"invalid CosmosConfig rank=2.5"),
-        ({"conv": "sgd"}, r"invalid CosmosConfig conv='sgd'"),
+        ({"lr": -1e-3}, r"invalid CosmosConfig.lr=-0.001: must be a finite number >= 0"),
+        ({"weight_decay": float("inf")}, r"invalid CosmosConfig.weight_decay=inf"),
+        ({"min_lr_ratio": 1.5}, r"invalid CosmosConfig.min_lr_ratio=1.5: must be in \[0, 1\]"),
+        ({"warmup_fraction": 1.0}, r"invalid CosmosConfig.warmup_fraction=1.0"),
+        ({"warmup_steps": -2}, r"invalid CosmosConfig.warmup_steps=-2"),
+        ({"max_steps": 0}, r"invalid CosmosConfig.max_steps=0"),
+        ({"rank": 2.5}, r"invalid CosmosConfig.rank=2.5"),
+        ({"conv": "sgd"}, r"invalid CosmosConfig.conv='sgd'"),
         ({"optimizer_kwargs": {"lr": 1.0}}, r"'lr' is a CosmosConfig field"),
         ({"optimizer_kwargs": {"momentum": 0.9}}, r"'momentum' is not a COSMOS argument"),
-        ({"betas": (0.9, 1.5)}, r"invalid CosmosConfig betas=\(0.9, 1.5\): must be a pair of numbers in \[0, 1\)"),
-        ({"adamw_betas": (0.9,)}, r"invalid CosmosConfig adamw_betas=\(0.9,\)"),
-        ({"head_names": "lm_head"}, r"invalid CosmosConfig head_names='lm_head': must be a sequence"),
+        ({"betas": (0.9, 1.5)}, r"invalid CosmosConfig.betas=\(0.9, 1.5\): must be a pair of numbers in \[0, 1\)"),
+        ({"adamw_betas": (0.9,)}, r"invalid CosmosConfig.adamw_betas=\(0.9,\)"),
+        ({"head_names": "lm_head"}, r"invalid CosmosConfig.head_names='lm_head': must be a sequence"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
@@ -247,8 +248,6 @@ def test_bad_config_raises(kwargs, match):
 @pytest.mark.parametrize(
     "config, attrs, trainer_kw, error, match",
     [
-        (CosmosConfig(warmup_steps=20), {}, {"max_steps": 10}, ValueError,
-         r"invalid CosmosConfig warmup_steps=20: the warmup must be shorter than the 10 total steps"),
         (CosmosConfig(), {}, {"max_steps": -1, "max_epochs": -1}, ValueError,
          r"estimated_stepping_batches=inf: set Trainer\(max_steps=...\)"),
         (CosmosConfig(), {"optimizer": "adamw"}, {"max_steps": 10}, TypeError,
@@ -316,20 +315,71 @@ def test_lightning_reduce_on_plateau_is_stepped_every_epoch_on_its_monitor():
     assert per_epoch == pytest.approx([2e-3, 2e-3, 1e-3])
 
 
-def test_continuing_past_the_saved_schedule_warns_and_keeps_it(tmp_path):
-    # The schedule's total comes from the first trainer's max_steps (4); the continued run asks
-    # for 8. The restored schedule applies (floor rate after step 4), and a warning says so.
+def test_continuing_a_finished_run_to_more_steps_follows_the_longer_schedule(tmp_path):
+    # The first run's schedule ends at its max_steps (4); the continued run asks for 8. Its own
+    # schedule applies from step 5 on (as if 8 had been asked for from the start), not the floor
+    # rate of the finished one, and a warning names both and the rate before and after.
     cls = type("Continued", (CosmosTinyLM,), {"cosmos_config": CosmosConfig(warmup_steps=1, min_lr_ratio=0.25)})
     trainer = _trainer(max_steps=-1, max_epochs=1)
     trainer.fit(_model(cls), _loader())
     ckpt = tmp_path / "four.ckpt"
     trainer.save_checkpoint(ckpt)
     rec = Recorder()
-    with pytest.warns(UserWarning, match=r"restored from the checkpoint \(warmup 1, cosine to 0.25 x lr at step 4\) "
-                                         r"differs from this run's \(warmup 1, cosine to 0.25 x lr at step 8\).*"
-                                         r"steps after 4 use the floor rate 0.25 x lr"):
-        _trainer([rec], max_steps=-1, max_epochs=2).fit(_model(cls), _loader(), ckpt_path=ckpt)
-    assert [lrs[0] for lrs in rec.lrs] == pytest.approx([0.25 * 2e-3] * 4)
+    resumed = _trainer([rec], max_steps=-1, max_epochs=2)
+    with pytest.warns(UserWarning, match=r"saved in the checkpoint \(warmup 1, cosine to 0.25 x lr at step 4\) "
+                                         r"differs from this run's \(warmup 1, cosine to 0.25 x lr at step 8\): "
+                                         r"this run's applies from step 5 on, at 0.708 x lr \(the checkpoint's "
+                                         r"schedule gives 0.25 x lr there\)"):
+        resumed.fit(_model(cls), _loader(), ckpt_path=ckpt)
+    assert [lrs[0] for lrs in rec.lrs] == pytest.approx([2e-3 * _closed_form(s, 1, 8, 0.25) for s in range(4, 8)])
+    # The schedule saved by the continued run is its own: continuing it again is exact.
+    assert resumed.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 8
+
+
+def test_a_warmup_longer_than_the_run_shrinks_with_a_warning_naming_the_setting():
+    rec = Recorder()
+    cls = type("Smoke", (CosmosTinyLM,), {"cosmos_config": CosmosConfig(warmup_steps=20)})
+    with pytest.warns(UserWarning, match=r"CosmosConfig.warmup_steps=20 is not shorter than this run's 5 optimizer "
+                                         r"steps: the LR warmup is shrunk to 2 steps"):
+        _trainer([rec], max_steps=5).fit(_model(cls), _loader(batches=8))
+    assert [lrs[0] for lrs in rec.lrs] == pytest.approx([2e-3 * _closed_form(s, 2, 5, 0.1) for s in range(5)])
+    # A module that takes its settings under other names (a CLI config) has them named so.
+    named = CosmosConfig(warmup_fraction=0.9, names={"warmup_fraction": "model.init_args.warmup_fraction"})
+    with pytest.warns(UserWarning, match=r"model.init_args.warmup_fraction=0.9 \(= 1 steps\) is not shorter than "
+                                         r"this run's 1 optimizer steps: the LR warmup is shrunk to 0 steps"):
+        assert named.resolve_warmup(1) == 0
+    with pytest.raises(ValueError, match=r"invalid model.init_args.min_lr_ratio=2: must be in \[0, 1\]"):
+        CosmosConfig(min_lr_ratio=2, names={"min_lr_ratio": "model.init_args.min_lr_ratio"})
+    assert named == CosmosConfig(warmup_fraction=0.9)  # names are for messages, not a setting
+
+
+@pytest.mark.parametrize(
+    "make, names",
+    [
+        (lambda g: torch.optim.AdamW(g, lr=1e-3), {"matrices": "cosmos", "adamw": "adamw", "adamw_no_decay": "adamw"}),
+        pytest.param(lambda g: MuonAdamW(g, lr=1e-3), {"muon": "muon", "adamw": "adamw", "adamw_no_decay": "adamw"},
+                     marks=pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon")),
+    ],
+    ids=["adamw", "muon_adamw"],
+)
+def test_groups_are_named_after_the_injected_optimizer(make, names):
+    model = _model(optimizer=make)
+    trainer = _trainer(max_steps=1)
+    messages = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger, old_level = rank_zero_module.log, rank_zero_module.log.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        trainer.fit(model, _loader())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    live = {g["name"]: g["algorithm"] for g in trainer.optimizers[0].param_groups}
+    assert live == names  # the optimizers' own algorithm keys are kept: MemoryMonitor reads them
+    summary = next(m for m in messages if "adamw_no_decay" in m)
+    assert "cosmos" not in summary.split("\n", 1)[1]
 
 
 def test_an_exact_resume_does_not_warn(tmp_path):
@@ -412,7 +462,8 @@ def _cli(tmp_path, model_cls, model_yaml):
 def test_cli_injection(tmp_path, model_yaml, cls, check):
     opt, sched = _cli(tmp_path, CLITinyLM, model_yaml)
     assert type(opt) is cls and check(opt.param_groups)
-    assert [g["name"] for g in opt.param_groups] == ["cosmos", "adamw", "adamw_no_decay"]
+    matrices = {COSMOS: "cosmos", MuonAdamW: "muon"}.get(cls, "matrices")
+    assert [g["name"] for g in opt.param_groups] == [matrices, "adamw", "adamw_no_decay"]
     assert type(sched) is WarmupCosineLR  # the warmup-cosine LambdaLR of the mixin
 
 

@@ -26,9 +26,11 @@ with ``"interval": "step"``, because ``CosineAnnealingLR``'s ``eta_min`` is one 
 all groups whereas groups may have different rates (COSMOS's matrices and AdamW groups under
 :class:`lit_cosmos.MuonAdamW` with ``muon_lr``, a group's own ``lr``). ``T`` is
 ``trainer.estimated_stepping_batches`` (optimizer steps, so gradient accumulation is counted)
-unless ``CosmosConfig.max_steps`` is set. The schedule's fields are saved in the checkpoint
-(``LambdaLR`` keeps a callable object's state), so a resumed run keeps its original warmup and
-total steps even if the new Trainer's ``max_steps`` differs.
+unless ``CosmosConfig.max_steps`` is set; a warmup that does not fit in the run is shrunk to
+half of it, with a warning. The schedule's fields are saved in the checkpoint; on a resume the
+checkpoint's position is kept and this run's schedule applies (:class:`WarmupCosineLR`): exact
+with the same settings, and a finished run continued to more steps follows the longer schedule
+instead of training on at the floor rate.
 
 **LightningCLI injection.** If the module has an attribute ``optimizer`` (an
 ``OptimizerCallable``: ``params -> Optimizer``) it is called with the routed param groups instead
@@ -97,8 +99,9 @@ __all__ = ["CosmosConfig", "CosmosMixin", "WarmupCosine", "WarmupCosineLR", "FSD
 FSDP1_ERROR = (
     "FSDP1 (strategy='fsdp', FSDPStrategy) is not supported: it hands the optimizer flattened 1-D shards "
     "of the weights, so a matrix optimizer such as COSMOS or Muon cannot see the matrices (and saving "
-    "its state fails). Use FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
-    "tensor_parallel_size=1) with fully_shard in configure_model, e.g. `--config configs/strategy/fsdp2.yaml`."
+    "its state fails). Use FSDP2 instead: lit_cosmos.lightning.FSDP2Strategy (strategy='fsdp2', a "
+    "ModelParallelStrategy over every process) with fully_shard in configure_model, e.g. "
+    "`--config configs/strategy/fsdp2.yaml`."
 )
 
 
@@ -145,10 +148,20 @@ class CosmosConfig:
 
     Routing (see :func:`lit_cosmos.cosmos_param_groups`): overrides, head_names, conv.
 
+    Messages:
+        names: how errors and warnings name a field, for a module that takes its settings under
+            other names: ``{"warmup_steps": "model.init_args.warmup_steps"}`` (the zoo's
+            ``CausalLM`` passes the keys of its LightningCLI config); ``"total_steps"`` names what
+            sets the total when ``max_steps`` is not given (default ``Trainer(max_steps=...)``).
+            Fields not in it are named ``CosmosConfig.<field>``. Not compared, not a setting.
+
+    A warmup that does not fit in the run (``warmup_steps >= total steps``, e.g. a smoke run with
+    ``max_steps=5``) is shrunk to half the run, with a warning naming the setting.
+
     Raises:
         ValueError: at construction, naming the bad value (negative ``lr``, ``min_lr_ratio``
             outside [0, 1], an unknown ``optimizer_kwargs`` key...). COSMOS's own arguments are
-            checked again by COSMOS; warmup against the total steps in ``configure_optimizers``.
+            checked again by COSMOS.
     """
 
     lr: float = 2e-3
@@ -166,10 +179,20 @@ class CosmosConfig:
     overrides: Optional[Mapping[str, str]] = None
     head_names: Sequence[str] = DEFAULT_HEAD_NAMES
     conv: str = "adamw"
+    names: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def key(self, name: str) -> str:
+        """The name messages give the field ``name``: the key the user typed (see ``names``)."""
+        if name in self.names:
+            return self.names[name]
+        return "Trainer(max_steps=...)" if name == "total_steps" else f"CosmosConfig.{name}"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"invalid CosmosConfig {name}={getattr(self, name)!r}: {why}")
+            return ValueError(f"invalid {self.key(name)}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.names, Mapping) or not all(isinstance(v, str) for v in self.names.values()):
+            raise ValueError(f"invalid CosmosConfig.names={self.names!r}: must map field names to strings")
 
         for name in ("lr", "lr_ratio", "gamma", "weight_decay"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
@@ -208,40 +231,105 @@ class CosmosConfig:
         )
 
     def resolve_warmup(self, total_steps: int) -> int:
-        """Warmup steps for a run of ``total_steps``; raises if warmup does not fit in it."""
+        """Warmup steps for a run of ``total_steps``.
+
+        A warmup of ``total_steps`` or more would never reach the peak rate nor decay; it is
+        shrunk to ``total_steps // 2`` (so that even a 5-step smoke run warms up and decays),
+        with a warning naming the setting it came from.
+        """
         if self.warmup_steps is not None:
-            warmup, source = self.warmup_steps, f"warmup_steps={self.warmup_steps}"
+            warmup, source = self.warmup_steps, f"{self.key('warmup_steps')}={self.warmup_steps}"
         else:
             warmup = int(round(self.warmup_fraction * total_steps))
-            source = f"warmup_fraction={self.warmup_fraction} (= {warmup} steps)"
+            source = f"{self.key('warmup_fraction')}={self.warmup_fraction} (= {warmup} steps)"
         if warmup >= total_steps:
-            raise ValueError(
-                f"invalid CosmosConfig {source}: the warmup must be shorter than the {total_steps} total steps "
-                "of the schedule"
+            shrunk = total_steps // 2
+            rank_zero_warn(
+                f"{source} is not shorter than this run's {total_steps} optimizer steps: the LR warmup is shrunk to "
+                f"{shrunk} steps (half the run). Lower {self.key('warmup_steps')} to silence this",
+                category=UserWarning,
             )
+            return shrunk
         return warmup
 
 
 class WarmupCosineLR(LambdaLR):
-    """The ``LambdaLR`` of :class:`WarmupCosine` factors that says when a checkpoint changes it.
+    """The ``LambdaLR`` of :class:`WarmupCosine` factors, which follows this run's schedule on a resume.
 
-    ``LambdaLR.load_state_dict`` restores the factors' fields, so a resumed run keeps the saved
-    warmup and total steps (an exact resume). When they differ from the ones this run configured
-    (e.g. a run continued with a larger ``max_steps``), a warning says which schedule applies.
+    ``LambdaLR.load_state_dict`` would restore the checkpoint's factors, so a run continued with
+    a larger ``max_steps`` would train on at the floor rate. Here the checkpoint's position
+    (``last_epoch``) is kept and this run's schedule applies: an interrupted run resumed with the
+    same settings continues exactly, and a finished run continued to more steps follows the
+    longer schedule, as if it had been asked for from the start (the rate rises from the floor
+    to that schedule's value at the resumed step). When the schedules differ a warning names
+    both and the rate before and after.
+
+    Args:
+        optimizer, schedule: as ``LambdaLR(optimizer, schedule)`` (one factor for every group).
+        names: how the warning names the settings (:attr:`CosmosConfig.names`).
     """
+
+    def __init__(self, optimizer: Optimizer, schedule: Any, names: Mapping[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        self._names = dict(names or {})
+        super().__init__(optimizer, schedule, **kwargs)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         configured = [dataclasses.astuple(f) for f in self.lr_lambdas if isinstance(f, WarmupCosine)]
         super().load_state_dict(state_dict)
-        restored = [dataclasses.astuple(f) for f in self.lr_lambdas if isinstance(f, WarmupCosine)]
-        if restored and restored != configured:
-            (w_old, t_old, rho_old), (w_new, t_new, rho_new) = restored[0], configured[0]
-            later = (f"; steps after {t_old} use the floor rate {rho_old} x lr" if t_new > t_old else "")
-            rank_zero_warn(
-                f"The warmup-cosine LR schedule restored from the checkpoint (warmup {w_old}, cosine to "
-                f"{rho_old} x lr at step {t_old}) differs from this run's (warmup {w_new}, cosine to {rho_new} "
-                f"x lr at step {t_new}); the restored one applies, so that a resume is exact{later}"
-            )
+        factors = [f for f in self.lr_lambdas if isinstance(f, WarmupCosine)]
+        restored = [dataclasses.astuple(f) for f in factors]
+        if not restored or restored == configured:
+            return
+        step = self.last_epoch  # optimizer steps taken; the next one uses factor(step)
+        before = factors[0](step)
+        for factor, fields in zip(factors, configured):
+            factor.warmup_steps, factor.total_steps, factor.min_lr_ratio = fields
+        after = factors[0](step)
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        (w_old, t_old, rho_old), (w_new, t_new, rho_new) = restored[0], configured[0]
+        total_key = self._names.get("total_steps", "Trainer(max_steps=...)")
+        rank_zero_warn(
+            f"The LR schedule saved in the checkpoint (warmup {w_old}, cosine to {rho_old} x lr at step {t_old}) "
+            f"differs from this run's (warmup {w_new}, cosine to {rho_new} x lr at step {t_new}): this run's "
+            f"applies from step {step + 1} on, at {after:.3g} x lr (the checkpoint's schedule gives {before:.3g} x lr "
+            f"there). To resume on the checkpoint's schedule, set {total_key} and the warmup as that run did",
+            category=UserWarning,
+        )
+
+
+def _label_groups(optimizer: Optimizer, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Name the routed groups after what the optimizer really does with them.
+
+    The routing calls the matrix group ``cosmos``; under an injected ``MuonAdamW`` that group is
+    renamed ``muon``, under any other optimizer (``torch.optim.AdamW``) ``matrices``, and the
+    algorithm column shows the optimizer's own algorithm. The live param groups are renamed too,
+    so that ``LearningRateMonitor`` logs ``lr-AdamW/matrices``, not ``lr-AdamW/cosmos``.
+    """
+    if isinstance(optimizer, COSMOS):
+        return groups
+    from lit_cosmos.core.muon_adamw import MUON_ALGORITHMS, MuonAdamW
+
+    is_muon = isinstance(optimizer, MuonAdamW)
+    labelled = []
+    for group in groups:
+        matrices = group.get("name") == "cosmos"
+        algorithm = ("muon" if group.get("algorithm") in MUON_ALGORITHMS else "adamw") if is_muon \
+            else type(optimizer).__name__.lower()
+        labelled.append({**group, "name": ("muon" if is_muon else "matrices") if matrices else group.get("name"),
+                         "algorithm": algorithm})
+    ids = {id(_first_tensor(g)): g["name"] for g in labelled if g["params"]}
+    for live in optimizer.param_groups:
+        if live.get("name") == "cosmos" and live["params"] and id(_first_tensor(live)) in ids:
+            live["name"] = ids[id(_first_tensor(live))]
+    return labelled
+
+
+def _first_tensor(group: Mapping[str, Any]) -> Any:
+    item = group["params"][0]
+    return item[1] if isinstance(item, tuple) else item
 
 
 class CosmosMixin:
@@ -299,13 +387,13 @@ class CosmosMixin:
         if trainer is None:
             raise ValueError(
                 "the LR schedule needs the total steps: attach the module to a Trainer or set "
-                "CosmosConfig(max_steps=...)"
+                f"{self.cosmos_config.key('max_steps')}"
             )
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total) or total < 1:
             raise ValueError(
                 f"the LR schedule needs a finite number of steps, but trainer.estimated_stepping_batches={total}: "
-                "set Trainer(max_steps=...) or CosmosConfig(max_steps=...)"
+                f"set {self.cosmos_config.key('total_steps')} or {self.cosmos_config.key('max_steps')}"
             )
         return int(total)
 
@@ -315,7 +403,6 @@ class CosmosMixin:
             check_strategy(trainer.strategy)
         cfg = self.cosmos_config
         groups = self.cosmos_param_groups()
-        summary = routing_summary(groups)
         make_optimizer = self._cosmos_injected("optimizer")
         if make_optimizer is None:
             optimizer = cfg.build_optimizer(groups)
@@ -326,12 +413,14 @@ class CosmosMixin:
                     f"the injected optimizer {make_optimizer!r} returned {type(optimizer).__name__}, "
                     "not a torch Optimizer"
                 )
+        summary = routing_summary(_label_groups(optimizer, groups))
 
         make_scheduler = self._cosmos_injected("lr_scheduler")
         if make_scheduler is None:
             total = self.cosmos_total_steps()
             schedule = WarmupCosine(cfg.resolve_warmup(total), total, cfg.min_lr_ratio)
-            scheduler_config: dict[str, Any] = {"scheduler": WarmupCosineLR(optimizer, schedule), "interval": "step"}
+            scheduler = WarmupCosineLR(optimizer, schedule, names=cfg.names)
+            scheduler_config: dict[str, Any] = {"scheduler": scheduler, "interval": "step"}
             schedule_txt = f"warmup {schedule.warmup_steps} steps, cosine to {cfg.min_lr_ratio} x lr at step {total}"
         else:
             scheduler = make_scheduler(optimizer)

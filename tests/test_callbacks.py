@@ -114,8 +114,10 @@ def events(trainer) -> EventAccumulator:
 
 
 def scalars(trainer) -> dict[str, dict[int, float]]:
+    """Logged scalars keyed by the optimizer step ``t`` they are about (1, 2, ...). The callbacks
+    log on Lightning's axis, the step's 0-based index ``t - 1`` (see test_callbacks_share_lightnings_axis)."""
     acc = events(trainer)
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return {tag: {e.step + 1: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 def request_steps(model) -> list[int]:
@@ -336,7 +338,39 @@ def test_memory_monitor_cosmos_equals_formula(tmp_path):
         assert logged[f"memory/savings_pct/{name}"][8] == pytest.approx(expected, abs=1e-4)
     assert "memory/savings_pct/cosmos" not in logged and "memory/cuda_max_allocated_bytes" not in logged
     text = events(trainer).Tensors("memory/table/text_summary")
-    assert len(text) == 1 and "formula SOAP" in text[0].tensor_proto.string_val[0].decode()
+    assert len(text) == 1 and text[0].step == 0
+    table = text[0].tensor_proto.string_val[0].decode()
+    # The COSMOS formula names its rank; the last column is the held state over each formula.
+    assert f"| formula COSMOS (rank {RANK}) | {formula['cosmos']:,} |" in table and "| 1.00x |" in table
+    assert f"| {formula['cosmos'] / formula['adamw']:.2f}x |" in table and "held / this" in table
+
+
+class LoggingTiny(Tiny):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_callbacks_share_lightnings_axis(tmp_path):
+    """One x-axis for a run: what a callback logs about optimizer step t sits where Lightning logs
+    that step's training loss and learning rate (0-based: t - 1)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    callbacks = [MemoryMonitor(every_n_steps=1), EigenbasisRefresh("constant", interval=1),
+                 SubspaceMonitor(every_n_steps=1, histograms=False), LearningRateMonitor(logging_interval="step")]
+    trainer, _ = fit(tmp_path, callbacks, max_steps=4, model=LoggingTiny())
+    acc = events(trainer)
+    raw = {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    expected = [0, 1, 2, 3]
+    for tag in ("train/loss", "lr-COSMOS/cosmos", "memory/state_bytes", "refresh/count", "subspace/energy_mean"):
+        assert raw[tag] == expected, (tag, raw[tag])
+
+
+def test_memory_monitor_names_the_rank_it_assumes_for_other_optimizers(tmp_path):
+    trainer, _ = fit(tmp_path, [MemoryMonitor(rank=RANK)], max_steps=1, optimizer="adamw")
+    table = events(trainer).Tensors("memory/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"| formula COSMOS (rank {RANK}) |" in table and "held by AdamW" in table
 
 
 def test_memory_monitor_works_with_plain_adamw(tmp_path):
@@ -372,7 +406,7 @@ def test_subspace_monitor_logs_summaries_and_histograms(tmp_path):
             assert logged[f"subspace/update_rms_ratio_{stat}"][step] == pytest.approx(1.0, rel=1e-3)
     hist = events(trainer)
     assert set(hist.Tags()["histograms"]) == {"subspace/energy", "subspace/update_rms", "subspace/ns_error"}
-    assert [h.step for h in hist.Histograms("subspace/energy")] == [3, 6, 9]
+    assert [h.step + 1 for h in hist.Histograms("subspace/energy")] == [3, 6, 9]
     assert hist.Histograms("subspace/energy")[0].histogram_value.num == len(SHAPES)
 
 
@@ -527,3 +561,4 @@ def _fsdp_monitor_worker(rank: int, world: int, port: int) -> None:
 @pytest.mark.distributed
 def test_monitors_under_fsdp2_equal_one_process():
     spawn(_fsdp_monitor_worker, 2)
+

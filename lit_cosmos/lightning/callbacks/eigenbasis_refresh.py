@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_cosmos.core.cosmos import COSMOS
 from lit_cosmos.core.refresh import SCHEDULES, RefreshSchedule
+from lit_cosmos.lightning.steps import logger_step
 
 __all__ = ["EigenbasisRefresh", "SCHEDULES"]
 
@@ -45,8 +46,9 @@ class EigenbasisRefresh(RefreshSchedule, Callback):
       ``drift_reduce``; :math:`d < \text{drift\_low}` grows the gap by ``growth`` (up to
       ``max_interval``), :math:`d > \text{drift\_high}` shrinks it (down to ``min_interval``).
 
-    Logs to every logger of the trainer (optimizer step ``t`` as the x-axis, on step 1 and on
-    every point of the schedule): ``{prefix}count``, ``{prefix}interval`` and, on refreshes,
+    Logs to every logger of the trainer (a figure about optimizer step ``t`` at x = ``t - 1``,
+    Lightning's own step axis, see :mod:`lit_cosmos.lightning.steps`; on step 1 and on every
+    point of the schedule): ``{prefix}count``, ``{prefix}interval`` and, on refreshes,
     ``{prefix}drift_mean``, ``{prefix}drift_max``, ``{prefix}power_iters``.
 
     While the callback is attached the live COSMOS groups hold ``update_interval = 0``, but
@@ -155,7 +157,7 @@ class EigenbasisRefresh(RefreshSchedule, Callback):
         trainer = self._trainer
         if trainer is not None:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                logger.log_metrics(metrics, step=logger_step(step))
 
 
 def find_cosmos_optimizer(trainer: "pl.Trainer", who: str) -> Optional[COSMOS]:

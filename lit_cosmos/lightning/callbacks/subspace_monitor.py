@@ -29,6 +29,7 @@ from lit_cosmos.lightning.callbacks.eigenbasis_refresh import find_cosmos_optimi
 from lit_cosmos.core.cosmos import COSMOS, resolve_ns_dtype
 from lit_cosmos.core.direction import momentum_estimate
 from lit_cosmos.core.matrices import MatrixView, group_view
+from lit_cosmos.lightning.steps import logger_step
 
 __all__ = ["SubspaceMonitor", "ns_polar_error"]
 
@@ -64,7 +65,8 @@ class SubspaceMonitor(Callback):
       few ``ns_steps``. It costs an SVD of each matrix on logging steps. Matrices with
       ``r = n`` have no Newton-Schulz part (COSMOS skips it) and no ``ns_error``.
 
-    Logged with the optimizer step (``trainer.global_step`` after the step) as the x-axis:
+    Logged on Lightning's step axis (a figure about optimizer step ``t`` at x = ``t - 1``, as
+    ``train/loss``; see :mod:`lit_cosmos.lightning.steps`):
 
     * scalars ``{prefix}{metric}_mean``, ``_min``, ``_max`` over matrices, for metric in
       ``energy``, ``update_rms``, ``update_rms_ratio``, ``ns_error``;
@@ -240,13 +242,14 @@ class SubspaceMonitor(Callback):
             metrics[f"{p}{metric}_max"] = max(vals)
             if self.per_layer:
                 metrics.update({f"{p}{metric}/{name}": v for name, v in per_layer.items()})
+        x = logger_step(step)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=x)
             if self.histograms and isinstance(logger, TensorBoardLogger):
                 for metric in _HISTOGRAMS:
                     if metric in values:
                         hist = torch.tensor(list(values[metric].values()), dtype=torch.float64)
-                        logger.experiment.add_histogram(p + metric, hist, global_step=step)
+                        logger.experiment.add_histogram(p + metric, hist, global_step=x)
 
 
 def ns_polar_error(

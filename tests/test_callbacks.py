@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from typing import Any, Optional
 
 import pytest
@@ -19,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_cosmos import COSMOS, cosmos_param_groups
-from lit_cosmos.callbacks import EigenbasisRefresh, MemoryMonitor, SubspaceMonitor
+from lit_cosmos.callbacks import EigenbasisRefresh, FinalCheckpoint, MemoryMonitor, SubspaceMonitor
 from lit_cosmos.lightning.callbacks.memory_monitor import memory_figures
 from lit_cosmos.lightning.callbacks.subspace_monitor import ns_polar_error
 from lit_cosmos.distributed import local_tensor
@@ -562,3 +564,107 @@ def _fsdp_monitor_worker(rank: int, world: int, port: int) -> None:
 def test_monitors_under_fsdp2_equal_one_process():
     spawn(_fsdp_monitor_worker, 2)
 
+
+# ---------------------------------------------------------------------- FinalCheckpoint
+def checkpointed_fit(root, checkpoint, callbacks=(), max_steps=6, model=None):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, default_root_dir=str(root),
+        callbacks=[checkpoint, *callbacks], enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model or LoggingTiny())
+    return trainer
+
+
+def saved_step(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def test_without_final_checkpoint_last_ckpt_is_the_last_trigger(tmp_path):
+    # Lightning's own behaviour, the reason for FinalCheckpoint: saves on multiples of K only.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpointed_fit(tmp_path, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True))
+    assert saved_step(tmp_path / "last.ckpt") == 4
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_final_checkpoint_saves_the_last_step(tmp_path, save_last):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=save_last)
+    checkpointed_fit(tmp_path, checkpoint, [FinalCheckpoint()])
+    assert saved_step(tmp_path / "last.ckpt") == 6
+    # The top-k file of the final step replaced the step-4 one (save_top_k=1), as its own trigger would.
+    assert sorted(p.name for p in tmp_path.glob("epoch=*.ckpt")) == ["epoch=1-step=6.ckpt"]
+    assert os.path.islink(tmp_path / "last.ckpt") == (save_last == "link")
+
+
+def test_final_checkpoint_of_a_monitored_checkpoint_writes_only_last(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="train/loss", every_n_train_steps=4, save_last="link")
+    checkpointed_fit(tmp_path, checkpoint, [FinalCheckpoint()])
+    # The best-of file stays the step-4 one (the final step has no fresh score); last.ckpt, no longer a
+    # link to it, holds step 6, and the step-4 file still holds step 4.
+    assert [p.name for p in tmp_path.glob("epoch=*.ckpt")] == ["epoch=0-step=4.ckpt"]
+    assert not os.path.islink(tmp_path / "last.ckpt") and saved_step(tmp_path / "last.ckpt") == 6
+    assert saved_step(tmp_path / "epoch=0-step=4.ckpt") == 4
+
+
+class RaiseAt(L.Callback):
+    """Sends Ctrl-C (SIGINT) to this process after optimizer step ``step``, or raises KeyboardInterrupt
+    before the next batch starts ("between"), or inside step ``step`` ("in_step")."""
+
+    def __init__(self, step: int, how: str) -> None:
+        self.step, self.how = step, how
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.how == "in_step" and trainer.global_step + 1 == self.step:
+            raise KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.how == "between" and trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.how == "sigint" and trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.fixture
+def restore_sigint():
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after an interrupt
+
+
+def test_ctrl_c_stops_after_the_step_and_saves_it(tmp_path, restore_sigint):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    final = FinalCheckpoint()
+    trainer = checkpointed_fit(tmp_path, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True),
+                               [RaiseAt(2, "sigint"), final], max_steps=10)
+    assert trainer.global_step == 2 and final.interrupted
+    assert saved_step(tmp_path / "last.ckpt") == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back after fit
+
+
+def test_keyboard_interrupt_between_steps_saves_the_last_step(tmp_path, restore_sigint):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    final = FinalCheckpoint()
+    with pytest.raises(SystemExit):  # Lightning's own handling of KeyboardInterrupt
+        checkpointed_fit(tmp_path, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True),
+                         [RaiseAt(3, "between"), final], max_steps=10)
+    assert final.interrupted and saved_step(tmp_path / "last.ckpt") == 3
+
+
+def test_keyboard_interrupt_inside_a_step_saves_nothing_and_says_so(tmp_path, restore_sigint):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with pytest.warns(UserWarning, match=r"Interrupted during step 6: nothing saved, the checkpoints hold step 4"):
+        with pytest.raises(SystemExit):
+            checkpointed_fit(tmp_path, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_last=True),
+                             [RaiseAt(6, "in_step"), FinalCheckpoint()], max_steps=10)
+    assert saved_step(tmp_path / "last.ckpt") == 4

@@ -5,7 +5,8 @@ Three layers, one folder each:
 * :mod:`lit_cosmos.core` (torch only): :class:`COSMOS`, :class:`MuonAdamW`, the routing helper,
   memory formulas, :class:`RefreshSchedule`, :class:`WarmupCosine` and the kernels.
 * :mod:`lit_cosmos.distributed` (torch only): the seam between the maths and DDP / FSDP2.
-* :mod:`lit_cosmos.lightning`: :class:`CosmosMixin`, :class:`CosmosConfig` and the callbacks,
+* :mod:`lit_cosmos.lightning`: :class:`CosmosMixin`, :class:`CosmosConfig`, the callbacks and
+  :class:`FSDP2Strategy`,
   imported on first use, so that ``from lit_cosmos import COSMOS`` works without Lightning.
 """
 
@@ -32,6 +33,8 @@ _LAZY = {
     "CosmosMixin": "lit_cosmos.lightning.mixin",
     "CosmosConfig": "lit_cosmos.lightning.mixin",
     "EigenbasisRefresh": "lit_cosmos.lightning.callbacks",
+    "FinalCheckpoint": "lit_cosmos.lightning.callbacks",
+    "FSDP2Strategy": "lit_cosmos.lightning.strategy",
     "MemoryMonitor": "lit_cosmos.lightning.callbacks",
     "SubspaceMonitor": "lit_cosmos.lightning.callbacks",
 }

@@ -20,8 +20,9 @@ STRATEGIES = {
     "ddp": ["--config", str(ROOT / "configs/strategy/ddp.yaml")],
     "ddp_split": ["--config", str(ROOT / "configs/strategy/ddp.yaml"), "--model.init_args.optimizer", "lit_cosmos.COSMOS",
                   "--model.init_args.optimizer.comm", "ddp_split", "--model.init_args.optimizer.rank", "8"],
-    "fsdp2_dcp": ["--config", str(ROOT / "configs/strategy/fsdp2.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2"],
-    "fsdp2_full": ["--config", str(ROOT / "configs/strategy/fsdp2.yaml"), "--trainer.strategy.init_args.data_parallel_size", "2",
+    # The overlay follows --trainer.devices: no data_parallel_size to keep in step with it.
+    "fsdp2_dcp": ["--config", str(ROOT / "configs/strategy/fsdp2.yaml")],
+    "fsdp2_full": ["--config", str(ROOT / "configs/strategy/fsdp2.yaml"),
                    "--trainer.strategy.init_args.save_distributed_checkpoint", "false"],
 }
 

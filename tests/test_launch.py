@@ -1,6 +1,7 @@
 """zoo.launch: the process launcher of the distributed tests and benchmarks."""
 
 import socket
+import tempfile
 
 import pytest
 import torch.distributed as dist
@@ -35,10 +36,14 @@ def test_a_taken_port_is_retried_on_a_new_one(tmp_path, monkeypatch):
     assert rank == "0" and int(port) != taken  # the first launch failed to bind, the second ran
 
 
-def test_a_failing_worker_fails_the_launch_with_its_message(monkeypatch):
+def test_a_failing_worker_fails_the_launch_with_its_message(monkeypatch, tmp_path):
+    # torch writes a failed worker's traceback to tempfile's folder and never removes it.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     calls = []
     real = launch.free_port
     monkeypatch.setattr(launch, "free_port", lambda: calls.append(1) or real())
     with pytest.raises(mp.ProcessRaisedException, match="rank 0 of 1 failed on purpose"):
         launch.spawn(_failing_worker, 1)
     assert len(calls) == 1  # not a port problem: no retry
+    assert list(tmp_path.iterdir()) == []  # no pytorch-errorfile-*.pickle left behind
+    assert tempfile.tempdir == str(tmp_path)

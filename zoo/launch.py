@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
@@ -40,12 +43,27 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, attempts: int = 3) -> 
     ``fn`` must be importable (module level) and is expected to init and destroy its process group
     on ``tcp://127.0.0.1:port``. A worker that raises fails the call with its traceback. The port
     is free when chosen but may be taken before rank 0 binds it: then the whole launch is retried
-    on a new port, up to ``attempts`` times.
+    on a new port, up to ``attempts`` times. Leaves no files behind (see :func:`_private_tempdir`).
     """
     for attempt in range(1, attempts + 1):
         try:
-            mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
+            with _private_tempdir():
+                mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)
             return
         except mp.ProcessRaisedException as err:
             if attempt == attempts or not _port_taken(err):
                 raise
+
+
+@contextmanager
+def _private_tempdir() -> Iterator[None]:
+    """Point ``tempfile`` at a folder removed afterwards: ``torch.multiprocessing.spawn`` writes
+    each failed worker's traceback to a ``pytorch-errorfile-*.pickle`` there and never deletes it
+    (where the default temp folder is unusable, ``tempfile`` falls back to the working directory)."""
+    saved = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="lit-cosmos-spawn-") as folder:
+        tempfile.tempdir = folder
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved

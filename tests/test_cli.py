@@ -12,16 +12,18 @@ import glob
 import itertools
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 from lit_cosmos import COSMOS
-from zoo.cli import _is_fsdp1, build_cli, main
+from zoo.cli import CLIError, _is_fsdp1, build_cli, main
 from zoo.data import TextDataModule
 from zoo.lit_model import CausalLM
 
@@ -33,7 +35,7 @@ SIZES = sorted(p.stem for p in (CONFIGS / "models").glob("*.yaml"))
 OPTIMS = {"cosmos": "lit_cosmos.COSMOS", "adamw": "torch.optim.AdamW", "muon": "lit_cosmos.MuonAdamW"}
 STRATEGIES = {
     "ddp": "lightning.pytorch.strategies.DDPStrategy",
-    "fsdp2": "lightning.pytorch.strategies.ModelParallelStrategy",
+    "fsdp2": "lit_cosmos.lightning.FSDP2Strategy",
 }
 PRECISIONS = {"bf16-mixed": "bf16-mixed", "32": "32-true"}
 HAS_MUON = hasattr(torch.optim, "Muon")
@@ -202,6 +204,7 @@ def test_is_fsdp1():
     assert not _is_fsdp1("ddp") and not _is_fsdp1("auto") and not _is_fsdp1(None)
     assert not _is_fsdp1({"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"})
     assert not _is_fsdp1(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    assert not _is_fsdp1("fsdp2") and not _is_fsdp1({"class_path": "lit_cosmos.lightning.FSDP2Strategy"})
 
 
 # ---------------------------------------------------------------------- real training, optimizer from YAML
@@ -228,7 +231,9 @@ def test_trains_with_the_optimizer_from_yaml(optim, precision, expected, data_ca
     optimizer = trainer.optimizers[0]
     assert type(optimizer) is expected
     groups = {g["name"]: g for g in optimizer.param_groups}
-    assert set(groups) == {"cosmos", "adamw", "adamw_no_decay"}  # the mixin's routing, whatever the class
+    # the mixin's routing, whatever the class; the matrix group named after what the optimizer does with it
+    matrices = {"cosmos": "cosmos", "muon": "muon"}.get(optim, "matrices")
+    assert set(groups) == {matrices, "adamw", "adamw_no_decay"}
     assert all(g["initial_lr"] == lr for g in groups.values())  # the overlay's lr, then the schedule
     assert groups["adamw_no_decay"]["weight_decay"] == 0.0
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
@@ -293,9 +298,12 @@ def test_checkpoint_loads_and_resumes(debug_run, data_cache):
     assert len(preds) == 2 and preds[0].shape == (4, 64) and preds[0].dtype == torch.long
 
 
-def test_block_size_longer_than_the_model_is_refused(data_cache):
-    with pytest.raises(ValueError, match="data.block_size=128 is longer than the model's block_size=64"):
-        build_cli(["fit", "--config", DEBUG, "--data.cache_dir", data_cache, "--data.block_size", "128"])
+def test_block_size_longer_than_the_model_is_refused_before_data_preparation(monkeypatch):
+    monkeypatch.setattr(TextDataModule, "prepare_data", _no_data_preparation)
+    with pytest.raises(CLIError, match=r"data.init_args.block_size=128 is longer than the model's block_size=64 "
+                                       r"\(debug\); lower data.init_args.block_size or set "
+                                       r"model.init_args.model_overrides: \{block_size: 128\}"):
+        build_cli(["fit", "--config", DEBUG, "--data.block_size", "128"])
 
 
 # ---------------------------------------------------------------------- the module on its own
@@ -367,12 +375,11 @@ def test_quickstart_trains_and_the_loss_falls(data_cache, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_overlay_trains_on_two_cpu_processes(data_cache, tmp_path):
-    """The fsdp2 overlay as documented: ModelParallelStrategy + fully_shard in configure_model.
+    """The fsdp2 overlay as documented: FSDP2Strategy + fully_shard in configure_model.
     Lightning re-launches the command for rank 1, so it runs as a real console command."""
-    cmd = [
+    cmd = [  # --trainer.devices alone: the overlay's data-parallel size follows it
         sys.executable, "-m", "zoo.cli", "fit", *config_args("debug", "strategy/fsdp2"),
-        "--trainer.devices", "2", "--trainer.strategy.init_args.data_parallel_size", "2",
-        "--data.cache_dir", data_cache, "--trainer.enable_progress_bar", "false",
+        "--trainer.devices", "2", "--data.cache_dir", data_cache, "--trainer.enable_progress_bar", "false",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -384,3 +391,250 @@ def test_fsdp2_overlay_trains_on_two_cpu_processes(data_cache, tmp_path):
     logged = scalars(log_dir)
     assert [v for _, v in logged["train/tokens"]] == [2 * 4 * 64 * s for s in (1, 2, 3)]  # both ranks counted
     assert all(math.isfinite(v) for _, v in logged["train/loss"])
+
+
+# ---------------------------------------------------------------------- a new user's first hour
+def _no_data_preparation(*args, **kwargs):
+    raise AssertionError("data must not be prepared: the mistake can be reported before")
+
+
+def lit_cosmos(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real console command (``python -m zoo.cli`` is what the ``lit-cosmos`` script runs), output merged."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "LIT_COSMOS_"))}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "zoo.cli", *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def main_error(capsys, *args: str) -> str:
+    """The one-line message ``main`` ends with (stderr's last line), after checking the exit status."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+CONSOLE_MISTAKES = {
+    "bad-value": (["--model.init_args.optimizer", "lit_cosmos.COSMOS", "--model.init_args.optimizer.rank", "-1"],
+                  "error: invalid model.init_args.optimizer.init_args.rank=-1 in the arguments: must be an int >= 0"),
+    "missing-path": (["--data.init_args.paths", "{tmp}/missing"],
+                     "error: data.init_args.paths=['{tmp}/missing']: data path '{tmp}/missing' does not exist"),
+    "yaml-typo": (["--config", "{tmp}/typo.yaml"],
+                  "error: model.init_args.optimizer.init_args.rnak: lit_cosmos.COSMOS has no argument 'rnak'; "
+                  "did you mean 'rank'?"),
+}
+
+
+@pytest.mark.parametrize(
+    "case", [name if name == "bad-value" else pytest.param(name, marks=pytest.mark.slow) for name in CONSOLE_MISTAKES]
+)
+def test_console_mistakes_are_short_and_end_with_the_message(case, tmp_path):
+    """Through the real entry point: a mistake is reported before any data is prepared, in a few
+    lines ending with the message and the key as typed; a misspelt key gets a did-you-mean."""
+    (tmp_path / "typo.yaml").write_text("model:\n  init_args:\n    optimizer:\n      class_path: lit_cosmos.COSMOS\n"
+                                        "      init_args: {rnak: 8}\n")
+    extra, message = CONSOLE_MISTAKES[case]
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    cache = tmp_path / "cache"
+    done = lit_cosmos("fit", "--config", DEBUG, "--data.cache_dir", str(cache), *extra, cwd=tmp_path)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 2, done.stdout
+    assert lines[-1] == message.format(tmp=tmp_path)
+    assert len(lines) <= 8 and "Traceback" not in done.stdout, done.stdout
+    assert not cache.exists()  # nothing was prepared
+    assert not (tmp_path / "runs").exists()  # and no run folder left behind
+
+
+def test_mistyped_keys_get_a_did_you_mean(capsys, tmp_path):
+    assert main_error(capsys, "fit", "--config", DEBUG, "--model.init_args.optimizer", "lit_cosmos.COSMOS",
+                      "--model.init_args.optimizer.rnak", "8") == (
+        "error: model.init_args.optimizer.init_args.rnak: lit_cosmos.COSMOS has no argument 'rnak'; "
+        "did you mean 'rank'?")
+    assert main_error(capsys, "fit", "--config", DEBUG, "--data.init_args.blok_size", "8") == (
+        "error: data.init_args.blok_size: zoo.data.TextDataModule has no argument 'blok_size'; "
+        "did you mean 'block_size'?")
+    assert main_error(capsys, "fit", "--config", DEBUG, "--model.init_args.warmup_step", "8").endswith(
+        "did you mean 'warmup_steps'?")
+    assert main_error(capsys, "fit", "--config", DEBUG, "--model.init_args.optimizer", "lit_cosmos.COSMS") == (
+        "error: model.init_args.optimizer: lit_cosmos has no 'COSMS'; did you mean 'COSMOS'?")
+    assert main_error(capsys, "fit", "--trainer.max_stepz", "5").endswith("did you mean '--trainer.max_steps'?")
+    # In YAML: a misspelt section would be ignored without a word, a misspelt Trainer key is refused.
+    (tmp_path / "top.yaml").write_text("modle:\n  init_args: {model: debug}\n")
+    (tmp_path / "empty.yaml").write_text("modle:\n  init_args: {}\n")  # nothing in it that jsonargparse checks
+    (tmp_path / "trainer.yaml").write_text("trainer:\n  max_stepz: 5\n")
+    assert main_error(capsys, "fit", "--config", DEBUG, "--config", str(tmp_path / "top.yaml")) == (
+        "error: Subcommand 'fit' does not accept option 'modle.init_args.model'; did you mean 'model.init_args.model'?")
+    assert main_error(capsys, "fit", "--config", DEBUG, "--config", str(tmp_path / "empty.yaml")).startswith(
+        f"error: {tmp_path / 'empty.yaml'}: unknown top-level key 'modle'; did you mean 'model'? (the keys are ")
+    assert main_error(capsys, "fit", "--config", DEBUG, "--config", str(tmp_path / "trainer.yaml")) == (
+        "error: Subcommand 'fit' does not accept option 'trainer.max_stepz'; did you mean 'trainer.max_steps'?")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", str(CONFIGS / "optim" / "adamw.yaml"), "--model.init_args.optimizer.init_args.lr", "-1"],
+         "error: model.init_args.optimizer (torch.optim.AdamW): Invalid learning rate: -1.0"),
+        (["--model.init_args.warmup_fraction", "2"],
+         "error: invalid model.init_args.warmup_fraction=2.0: must be in [0, 1)"),
+        (["--model.init_args.model", "llama-2b"],
+         "error: model.init_args.model='llama-2b': unknown model name 'llama-2b'"),
+        (["--data.init_args.paths", "[]"], "error: data.init_args.paths=[] names no file: give text files or folders"),
+        (["--data.init_args.val_fraction", "0.5", "--data.init_args.test_fraction", "0.5"],
+         "error: data.init_args.val_fraction=0.5 + data.init_args.test_fraction=0.5 must be < 1"),
+        (["--trainer.strategy", "lit_cosmos.lightning.FSDP2Strategy", "--trainer.devices", "2",
+          "--trainer.strategy.data_parallel_size", "8"],
+         "error: FSDP2Strategy: data_parallel_size=8 x tensor_parallel_size=1 must equal the world size"),
+    ],
+    ids=["optimizer-lr", "warmup", "model-name", "empty-paths", "fractions", "fsdp2-sizes"],
+)
+def test_bad_values_name_the_key_before_any_data_is_prepared(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(TextDataModule, "prepare_data", _no_data_preparation)
+    assert main_error(capsys, "fit", "--config", DEBUG, *args).startswith(message)
+
+
+def test_help_leads_to_the_cosmos_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "arguments: see the end of this help" in out.split("options:")[0]
+    tail = out[out.index("The options above are Lightning's Trainer's"):]
+    assert "--model.help CausalLM" in tail and "--model.init_args.optimizer.help lit_cosmos.COSMOS" in tail
+    for optimizer, argument in (("lit_cosmos.COSMOS", "lr_ratio"), ("lit_cosmos.MuonAdamW", "muon_lr"),
+                                ("torch.optim.AdamW", "amsgrad")):
+        assert optimizer in tail and argument in tail
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "CausalLM"])
+    assert "lit_cosmos.MuonAdamW" in capsys.readouterr().out  # among the known optimizer classes
+
+
+@pytest.mark.slow
+def test_a_smoke_run_and_fast_dev_run_need_no_other_change(tmp_path, data_cache):
+    """The warmup_steps of a config longer than a smoke run shrinks with a warning naming the key
+    typed; fast_dev_run works; the last checkpoint holds the last step; the output has none of the
+    known noise; OMP_NUM_THREADS is the user's choice."""
+    config = tmp_path / "smoke.yaml"
+    config.write_text("model:\n  init_args:\n    warmup_steps: 20\n")
+    common = ["--config", DEBUG, "--config", str(config), "--data.cache_dir", data_cache,
+              "--trainer.enable_progress_bar", "false"]
+    done = lit_cosmos("fit", *common, "--trainer.max_steps", "5", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "model.init_args.warmup_steps=20 is not shorter than this run's 5 optimizer steps: the LR warmup is " \
+           "shrunk to 2 steps" in done.stdout
+    assert "CPU threads: 1 (OMP_NUM_THREADS=1)" in done.stdout
+    noises = ("litlogger", "LeafSpec", "`IterableDataset` has `__len__`", "Create an account", "dirpath has changed",
+              "Traceback")
+    for noise in noises:
+        assert noise not in done.stdout, noise
+    ckpt = tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 5  # not the step-3 validation
+    done = lit_cosmos("fit", *common, "--trainer.fast_dev_run", "true", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # fast_dev_run logs nothing
+
+
+def test_resume_with_another_model_or_optimizer_is_refused(debug_run, tmp_path):
+    """LightningCLI would train the checkpoint's model and optimizer and exit 0; through the real
+    CLI the mismatch is an error naming both."""
+    ckpt = str(debug_run / "checkpoints" / "last.ckpt")
+    done = lit_cosmos("fit", "--config", str(CONFIGS / "quickstart.yaml"), "--ckpt_path", ckpt, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"error: ckpt_path={ckpt!r} does not match the config, which would be silently replaced by the checkpoint's: "
+        "model.init_args.model: the checkpoint has 'debug', the config 'llama-tiny'; model.init_args.optimizer: the "
+        "checkpoint has zoo.lit_model.cosmos_optimizer, the config lit_cosmos.COSMOS. Resume with the checkpoint's "
+        "settings (its run folder holds them in config.yaml), or leave out --ckpt_path to start a new run")
+
+
+def test_resume_refuses_another_optimizer_argument_in_process(debug_run, monkeypatch, capsys):
+    monkeypatch.setattr(TextDataModule, "prepare_data", _no_data_preparation)
+    ckpt = str(debug_run / "checkpoints" / "last.ckpt")
+    message = main_error(capsys, "fit", "--config", DEBUG, "--config", str(CONFIGS / "optim" / "adamw.yaml"),
+                         "--ckpt_path", ckpt)
+    assert "model.init_args.optimizer: the checkpoint has zoo.lit_model.cosmos_optimizer, the config " \
+           "torch.optim.AdamW" in message
+    assert main_error(capsys, "fit", "--config", DEBUG, "--ckpt_path", str(debug_run / "nothing.ckpt")).endswith(
+        "ckpt_path='" + str(debug_run / "nothing.ckpt") + "' does not exist")
+
+
+def test_a_run_continues_and_is_evaluated_in_its_own_folder(debug_run, data_cache, tmp_path, recwarn):
+    ckpt = str(debug_run / "checkpoints" / "last.ckpt")
+    cli = build_cli(["fit", "--config", DEBUG, "--data.cache_dir", data_cache, "--trainer.max_steps", "5",
+                     "--ckpt_path", ckpt])
+    assert cli.trainer.log_dir == str(Path("runs") / "debug" / "version_0")
+    assert not any("dirpath has changed" in str(w.message) or "exists and is not empty" in str(w.message)
+                   for w in recwarn.list)
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 5  # the link follows the run
+    build_cli(["validate", "--config", DEBUG, "--data.cache_dir", data_cache, "--ckpt_path", ckpt])
+    assert sorted(p.name for p in (tmp_path / "runs" / "debug").iterdir()) == ["version_0"]  # no new version
+    assert (debug_run / "validate-config.yaml").is_file() and (debug_run / "config.yaml").is_file()
+    # One axis: the validation of the step-5 checkpoint sits where the fit's own validation of step 5 would (4).
+    assert [s for s, _ in scalars(debug_run)["val/loss"]][-1] == 4
+
+
+def test_a_run_on_your_own_text_is_filed_under_its_name(tmp_path, data_cache):
+    text = tmp_path / "my_notes.txt"
+    text.write_text("notes on a new optimizer " * 200)
+    cli = build_cli(["fit", "--config", DEBUG, "--data.cache_dir", data_cache, "--data.paths", str(text),
+                     "--trainer.max_steps", "1"])
+    assert Path(cli.trainer.log_dir) == Path("runs") / "debug-my_notes" / "version_0"
+    # A name given on the command line is kept as is.
+    cli = build_cli(["--config", DEBUG, "--data.cache_dir", data_cache, "--data.paths", str(text),
+                     "--trainer.logger.init_args.name", "mine"], run=False)
+    assert Path(cli.trainer.log_dir) == Path("runs") / "mine" / "version_0"
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, data_cache, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("too short for a block of 64 tokens")
+    message = main_error(capsys, "fit", "--config", DEBUG, "--data.cache_dir", str(tmp_path / "cache"),
+                         "--data.paths", str(text))
+    assert message.startswith("error: data.init_args.block_size=64 is longer than the data")
+    assert not (tmp_path / "runs").exists()
+
+
+class SigintAt(L.Callback):
+    """Ctrl-C after optimizer step ``step`` (a test helper reachable by class path: ``test_cli.SigintAt``)."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_saves_the_last_step_and_exits_130(tmp_path, data_cache):
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", DEBUG, "--data.cache_dir", data_cache, "--trainer.max_steps", "50",
+                  "--trainer.callbacks+=test_cli.SigintAt", "--trainer.callbacks.step", "2"])
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert exit_info.value.code == 130
+    ckpt = tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+
+
+def test_cpu_threads_follow_the_free_cores_unless_the_user_chose(monkeypatch, data_cache):
+    from zoo import resources
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(resources, "usable_cores", lambda: 2)
+    monkeypatch.setattr(resources, "load_average", lambda: 2.0)  # a busy 2-core machine
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    build_cli(["--config", DEBUG], run=False, auto_threads=True)
+    assert chosen == [1] and os.environ["OMP_NUM_THREADS"] == "1"  # processes started later agree
+    monkeypatch.setattr(resources, "load_average", lambda: 0.1)  # idle: torch's own default, 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    build_cli(["--config", DEBUG, "--trainer.devices", "2"], run=False, auto_threads=True)
+    assert chosen == [1, 1]  # two processes share the two cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    build_cli(["--config", DEBUG], run=False, auto_threads=True)
+    assert chosen == [1, 1]  # the user's setting is left alone

@@ -34,7 +34,7 @@ and from a config (``model.init_args.optimizer`` swaps the optimizer)::
 from __future__ import annotations
 
 import pickle
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import lightning as L
 import torch
@@ -89,7 +89,9 @@ class CausalLM(CosmosMixin, L.LightningModule):
             ``configure_optimizers``. Default :func:`cosmos_optimizer`.
         lr_scheduler: ``optimizer -> LR scheduler`` (stepped every optimizer step). ``None``: linear
             warmup then cosine decay to ``min_lr_ratio`` of the peak at the last step.
-        warmup_steps: warmup length of the default schedule; wins over ``warmup_fraction``.
+        warmup_steps: warmup length of the default schedule; wins over ``warmup_fraction``. A warmup
+            not shorter than the run (a smoke run with ``--trainer.max_steps 5``) is shrunk to half of
+            it, with a warning.
         warmup_fraction: warmup as a fraction of the run's optimizer steps (default schedule).
         min_lr_ratio: the default schedule's final rate as a fraction of the peak.
 
@@ -99,6 +101,10 @@ class CausalLM(CosmosMixin, L.LightningModule):
             ``block_size`` (in ``setup``).
         RuntimeError: under FSDP1 (``FSDPStrategy``); see :data:`FSDP1_ERROR`.
     """
+
+    #: Where this module's arguments live in a ``lit-cosmos`` (LightningCLI) config: error messages
+    #: and warnings name ``model.init_args.warmup_steps``, not the internal ``CosmosConfig`` field.
+    config_key: ClassVar[str] = "model.init_args"
 
     def __init__(
         self,
@@ -118,14 +124,25 @@ class CausalLM(CosmosMixin, L.LightningModule):
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
         # Built (and so validated) now, so that a bad name or field fails at parse time, not after data prep.
-        self.config = Config.from_name(model, **overrides)
+        try:
+            self.config = Config.from_name(model, **overrides)
+        except ValueError as err:
+            if model not in Config.available():
+                raise ValueError(f"{self.config_key}.model={model!r}: {err}") from None
+            key = "vocab_size" if vocab_size is not None and "vocab_size" in str(err) else "model_overrides"
+            value = vocab_size if key == "vocab_size" else model_overrides
+            raise ValueError(f"{self.config_key}.{key}={value!r}: {err}") from None
         self.activation_checkpointing = activation_checkpointing
         self.compile_blocks = compile
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         # An instance attribute shadowing CosmosMixin's class-level default: the schedule is per run.
         self.cosmos_config = CosmosConfig(
-            warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio
+            warmup_steps=warmup_steps, warmup_fraction=warmup_fraction, min_lr_ratio=min_lr_ratio,
+            names={
+                **{name: f"{self.config_key}.{name}" for name in ("warmup_steps", "warmup_fraction", "min_lr_ratio")},
+                "total_steps": "trainer.max_steps",
+            },
         )
         # Under LightningCLI the parsed config (plain data) is saved instead of the arguments. Outside
         # it, an optimizer or scheduler callable that does not pickle (a lambda) would break every
@@ -135,6 +152,7 @@ class CausalLM(CosmosMixin, L.LightningModule):
         self.model: Optional[GPT] = None
         self.val_loss = MeanMetric()
         self.tokens_seen = 0  # global count, saved in checkpoints
+        self._checkpoint_step: int | None = None  # optimizer steps of the loaded checkpoint
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -182,11 +200,19 @@ class CausalLM(CosmosMixin, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)  # before any data is touched
-        block_size = getattr(self.trainer.datamodule, "block_size", None)
+        self.check_datamodule(self.trainer.datamodule)
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Raise a ``ValueError`` when the data's sequences are longer than the model's context.
+
+        Called in ``setup`` and, by ``lit-cosmos``, before any data is prepared.
+        """
+        block_size = getattr(datamodule, "block_size", None)
         if isinstance(block_size, int) and block_size > self.config.block_size:
             raise ValueError(
-                f"data.block_size={block_size} is longer than the model's block_size={self.config.block_size} "
-                f"({self.config.name}); lower data.block_size or set model_overrides: {{block_size: {block_size}}}"
+                f"data.init_args.block_size={block_size} is longer than the model's block_size="
+                f"{self.config.block_size} ({self.config.name}); lower data.init_args.block_size or set "
+                f"{self.config_key}.model_overrides: {{block_size: {block_size}}}"
             )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -219,6 +245,20 @@ class CausalLM(CosmosMixin, L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", loss.exp(), sync_dist=True)
 
+    def _place_on_checkpoint_step(self) -> None:
+        # `lit-cosmos validate/test --ckpt_path` logs into the run's folder: put its points where the
+        # fit's own validation of that step is (Lightning's axis, step - 1), not at 0. Outside of fit,
+        # Lightning's logging step is this counter of the (unused) fit loop.
+        loop = self.trainer.fit_loop.epoch_loop
+        if self.trainer.state.fn != "fit" and self._checkpoint_step and hasattr(loop, "_batches_that_stepped"):
+            loop._batches_that_stepped = self._checkpoint_step - 1
+
+    def on_validation_start(self) -> None:
+        self._place_on_checkpoint_step()
+
+    def on_test_start(self) -> None:
+        self._place_on_checkpoint_step()
+
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
@@ -239,6 +279,7 @@ class CausalLM(CosmosMixin, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self._checkpoint_step = checkpoint.get("global_step")
 
     def num_parameters(self) -> int:
         """Parameters of the network (tied weights once), from the config: valid before configure_model."""
